@@ -1,0 +1,46 @@
+"""The `optimodel` Typer application: registers the commands, nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from optimodel import __version__
+from optimodel.cli import eval_cmd, inspect_cmd
+from optimodel.cli.common import STATE
+
+app = typer.Typer(
+    name="optimodel",
+    help="Optimize ONNX models and prove every step with numbers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"optimodel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Optimize ONNX models and prove every step with numbers."""
+    STATE["debug"] = debug
+
+
+app.command("inspect")(inspect_cmd.inspect)
+app.command("eval")(eval_cmd.eval_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,94 @@
+"""What every command shares: error handling, consoles, progress, report writing.
+
+Errors become one or two plain lines on stderr and the exit code of DESIGN.md;
+a traceback only with `optimodel --debug`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from optimodel.errors import OptimodelError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATE = {"debug": False}
+console = Console(highlight=False, soft_wrap=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    if hint:
+        err_console.print(f"  {hint}", markup=False)
+
+
+def handle_errors(func: F) -> F:
+    """Turn OptimodelError (and anything unexpected) into a clean exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except OptimodelError as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            print_error(exc.message.replace("[", "\\["), exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            print_error("out of memory")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # the last line of defence: never a bare traceback
+            if STATE["debug"]:
+                traceback.print_exc()
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print_error(
+                f"internal error: {type(exc).__name__}: {text}".replace("[", "\\["),
+                "run again with `optimodel --debug ...` for the traceback and report it",
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def feed_progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr; a no-op when quiet or not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(label, total=total)
+        yield lambda: progress.advance(task)
+
+
+def write_reports(report: Any, paths: list[Path], quiet: bool) -> None:
+    from optimodel.report import write_report
+
+    for path in paths:
+        write_report(report, path)
+        if not quiet:
+            err_console.print(f"report written to {path}", markup=False)

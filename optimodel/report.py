@@ -1,0 +1,348 @@
+"""The record of a run: JSON is the source of truth; terminal and Markdown render it.
+
+Schema (version 1): tool versions, command line, input / output model records
+(path, sha256, bytes, nodes, parameters, opset), passes, verification, latency,
+accuracy, gates, and the status of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from optimodel import __version__
+from optimodel.errors import OptimodelError, UsageError
+
+SCHEMA_VERSION = 1
+REPORT_SUFFIXES = (".json", ".md", ".html")
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions that change results: recorded next to every figure."""
+    versions = {"optimodel": __version__, "python": platform.python_version()}
+    for module in ("onnx", "onnxruntime", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:  # pragma: no cover - all are dependencies
+            versions[module] = "missing"
+    return versions
+
+
+def model_record(path: str | os.PathLike[str], model: Any | None = None) -> dict[str, Any]:
+    """What identifies a model file in a report."""
+    from optimodel.modelio import (
+        file_sha256,
+        iter_graphs,
+        iter_tensors,
+        load_model,
+        model_files_bytes,
+    )
+
+    source = Path(path)
+    if model is None:
+        model = load_model(source, load_external_data=False)
+    parameters = 0
+    for tensor in iter_tensors(model):
+        parameters += math.prod(tensor.dims) if tensor.dims else 1
+    return {
+        "path": str(source),
+        "sha256": file_sha256(source),
+        "bytes": model_files_bytes(source),
+        "nodes": sum(len(g.node) for g in iter_graphs(model.graph)),
+        "parameters": parameters,
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become strings, tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return _clean(value.to_dict())
+    return value
+
+
+@dataclass
+class Report:
+    """One run of one subcommand."""
+
+    subcommand: str
+    command: str = ""
+    started_at: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
+    )
+    seconds: float = 0.0
+    status: str = "ok"  # ok | failed | gate_failed
+    input_model: dict[str, Any] | None = None
+    output_model: dict[str, Any] | None = None
+    reference_model: dict[str, Any] | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: dict[str, Any] | None = None
+    inspect: dict[str, Any] | None = None
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def finish(self) -> Report:
+        self.seconds = round(time.perf_counter() - self._t0, 4)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": tool_versions(),
+            "subcommand": self.subcommand,
+            "command": self.command or " ".join(sys.argv),
+            "started_at": self.started_at,
+            "seconds": self.seconds,
+            "status": self.status,
+            "input_model": self.input_model,
+            "output_model": self.output_model,
+            "reference_model": self.reference_model,
+            "passes": self.passes,
+            "verification": self.verification,
+            "latency": self.latency,
+            "accuracy": self.accuracy,
+            "inspect": self.inspect,
+            "gates": self.gates,
+            "messages": self.messages,
+        }
+        return _clean(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5 or abs(value) < 1e-3:
+            return f"{value:.3e}"
+        return (
+            f"{value:.{digits}g}"
+            if abs(value) < 1
+            else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        )
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def model_rows(data: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for role in ("input_model", "reference_model", "output_model"):
+        rec = data.get(role)
+        if rec:
+            rows.append(
+                [
+                    role.replace("_model", ""),
+                    rec["path"],
+                    rec["nodes"],
+                    rec["parameters"],
+                    rec["bytes"],
+                    rec["opset"],
+                    rec["sha256"][:12],
+                ]
+            )
+    return rows
+
+
+MODEL_HEADERS = ["role", "path", "nodes", "parameters", "bytes", "opset", "sha256"]
+DIFF_HEADERS = ["output", "max abs diff", "mean abs diff", "cosine", "SNR dB", "top-1 agree"]
+
+
+def diff_rows(verification: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for out in verification.get("outputs", []):
+        snr = out.get("snr_db")
+        rows.append(
+            [
+                out["name"],
+                out["max_abs"],
+                out["mean_abs"],
+                out["cosine"],
+                "identical" if snr is None else snr,
+                None if out.get("top1_agreement") is None else out["top1_agreement"],
+            ]
+        )
+    return rows
+
+
+def accuracy_rows(accuracy: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for role in ("model", "reference"):
+        rec = accuracy.get(role)
+        if rec:
+            if rec["task"] == "classification":
+                rows.append(
+                    [role, rec["output"], rec["samples"], rec["top1"], rec.get("top5"), None]
+                )
+            else:
+                rows.append([role, rec["output"], rec["samples"], None, None, rec["mse"]])
+    return rows
+
+
+ACCURACY_HEADERS = ["model", "output", "samples", "top-1 %", "top-5 %", "MSE"]
+
+
+def verdict(data: dict[str, Any]) -> str:
+    """One line a CI log can grep."""
+    status = data["status"].upper().replace("_", " ")
+    parts = [f"{status}", f"optimodel {data['subcommand']}", f"{data['seconds']:.2f} s"]
+    acc = data.get("accuracy") or {}
+    if acc.get("model"):
+        parts.append(f"{acc['model']['metric']} {_fmt(acc['model']['value'])}")
+    if acc.get("drop") is not None:
+        parts.append(f"drop {_fmt(acc['drop'])}")
+    ver = data.get("verification") or (acc.get("fidelity") if acc else None)
+    if ver and ver.get("outputs"):
+        worst = min(o["cosine"] for o in ver["outputs"])
+        parts.append(f"cosine {_fmt(worst, 6)}")
+    for gate in data.get("gates", []):
+        parts.append(f"gate {gate['name']} {'passed' if gate['passed'] else 'FAILED'}")
+    return " | ".join(parts)
+
+
+def render_markdown(report: Report | dict[str, Any]) -> str:
+    """Markdown for a CI job summary."""
+    data = report.to_dict() if isinstance(report, Report) else report
+    out = [f"# optimodel {data['subcommand']}", "", f"**{verdict(data)}**", ""]
+    out += [f"`{data['command']}`", ""]
+    rows = model_rows(data)
+    if rows:
+        out += ["## Models", "", _md_table(MODEL_HEADERS, rows), ""]
+    if data.get("passes"):
+        out += ["## Passes", ""]
+        out.append(
+            _md_table(
+                ["pass", "seconds", "nodes before", "nodes after"],
+                [
+                    [p["name"], p.get("seconds"), p.get("nodes_before"), p.get("nodes_after")]
+                    for p in data["passes"]
+                ],
+            )
+        )
+        out.append("")
+    if data.get("verification"):
+        ver = data["verification"]
+        out += [f"## Verification ({ver['data']}, tolerance {ver['tolerance']})", ""]
+        out += [_md_table(DIFF_HEADERS, diff_rows(ver)), ""]
+    acc = data.get("accuracy")
+    if acc:
+        out += [f"## Accuracy ({acc['data']})", ""]
+        rows = accuracy_rows(acc)
+        if rows:
+            out += [_md_table(ACCURACY_HEADERS, rows), ""]
+        if acc.get("fidelity"):
+            out += ["### Fidelity against the reference", ""]
+            out += [_md_table(DIFF_HEADERS, diff_rows(acc["fidelity"])), ""]
+    if data.get("latency"):
+        out += ["## Latency", ""]
+        headers = ["model", "provider", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms"]
+        out += [
+            _md_table(
+                headers,
+                [
+                    [
+                        r.get("model"),
+                        r.get("provider"),
+                        r.get("threads"),
+                        r.get("p50_ms"),
+                        r.get("p90_ms"),
+                        r.get("p99_ms"),
+                        r.get("mean_ms"),
+                    ]
+                    for r in data["latency"]
+                ],
+            ),
+            "",
+        ]
+    if data.get("gates"):
+        out += ["## Gates", ""]
+        out += [
+            _md_table(
+                ["gate", "limit", "measured", "passed"],
+                [[g["name"], g["limit"], g["measured"], g["passed"]] for g in data["gates"]],
+            ),
+            "",
+        ]
+    if data.get("messages"):
+        out += ["## Notes", ""] + [f"- {m}" for m in data["messages"]] + [""]
+    versions = ", ".join(f"{k} {v}" for k, v in data["tool"].items())
+    out += [f"_{versions}_", ""]
+    return "\n".join(out)
+
+
+def render_html(report: Report | dict[str, Any]) -> str:
+    """A single self-contained HTML page (no network) holding the Markdown tables."""
+    import html
+
+    body = html.escape(render_markdown(report))
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>optimodel report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}pre{white-space:pre-wrap}</style>"
+        f"</head><body><pre>{body}</pre></body></html>\n"
+    )
+
+
+def check_report_paths(paths: list[Path] | None) -> list[Path]:
+    """Refuse unknown report suffixes before any work starts."""
+    for path in paths or []:
+        if path.suffix.lower() not in REPORT_SUFFIXES:
+            raise UsageError(
+                f"--report {path}: unknown format '{path.suffix}'; use .json, .md or .html"
+            )
+    return list(paths or [])
+
+
+def write_report(report: Report | dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a report atomically, its format picked by the file suffix."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix == ".json":
+        data = report.to_dict() if isinstance(report, Report) else _clean(report)
+        text = json.dumps(data, indent=2) + "\n"
+    elif suffix == ".md":
+        text = render_markdown(report)
+    elif suffix == ".html":
+        text = render_html(report)
+    else:
+        raise UsageError(f"--report {target}: unknown format '{suffix}'; use .json, .md or .html")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OptimodelError(f"{target}: cannot write the report: {exc.strerror or exc}") from exc
+    return target

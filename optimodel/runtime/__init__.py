@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions, providers and (later) latency measurement."""
