@@ -169,6 +169,8 @@ def _check_array(
 
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
     """Load every array of an .npz without pickle, turning any failure into one line."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}

@@ -226,7 +226,7 @@ class Provenance:
 
     @classmethod
     def from_argv(cls, passes: tuple[str, ...] = ()) -> Provenance:
-        args = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else ["optimodel"]
+        args = ["optimodel", *sys.argv[1:]] if sys.argv else ["optimodel"]
         return cls(command=shlex.join(args), passes=passes)
 
 

@@ -26,6 +26,14 @@ SCHEMA_VERSION = 1
 REPORT_SUFFIXES = (".json", ".md", ".html")
 
 
+def command_line() -> str:
+    """The command as the user typed it, with the program shown as `optimodel`."""
+    import shlex
+
+    args = list(sys.argv[1:]) if sys.argv else []
+    return shlex.join(["optimodel", *args])
+
+
 def tool_versions() -> dict[str, str]:
     """Versions that change results: recorded next to every figure."""
     versions = {"optimodel": __version__, "python": platform.python_version()}
@@ -108,7 +116,7 @@ class Report:
             "schema_version": SCHEMA_VERSION,
             "tool": tool_versions(),
             "subcommand": self.subcommand,
-            "command": self.command or " ".join(sys.argv),
+            "command": self.command or command_line(),
             "started_at": self.started_at,
             "seconds": self.seconds,
             "status": self.status,

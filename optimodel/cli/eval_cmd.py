@@ -45,10 +45,10 @@ def render_eval(data: dict[str, Any]) -> None:
 
     acc = data["accuracy"]
     models = Table(title="Models")
-    for col in ("role", "path", "nodes", "parameters", "bytes", "opset", "sha256"):
-        models.add_column(col)
-    for row in model_rows(data):
-        models.add_row(*[_fmt(c) for c in row])
+    for col in ("role", "path", "nodes", "parameters", "bytes"):
+        models.add_column(col, overflow="fold")
+    for row in model_rows(data):  # sha256 and opset stay in the JSON / Markdown report
+        models.add_row(*[_fmt(c) for c in row[:5]])
     console.print(models)
     rows = accuracy_rows(acc)
     if rows:

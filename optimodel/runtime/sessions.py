@@ -60,6 +60,10 @@ class SessionConfig:
     no_fallback: bool = False
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     custom_op_library: str | None = None
+    # Extra ORT session config entries, e.g. {"session.record_ep_graph_assignment_info": "1"}.
+    session_entries: dict[str, str] = field(default_factory=dict)
+    # When set, ORT profiles runs into PREFIX_<date>.json until session.end_profiling().
+    profile_prefix: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -115,6 +119,11 @@ def create_session(
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if config.no_fallback:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in config.session_entries.items():
+        options.add_session_config_entry(key, value)
+    if config.profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = config.profile_prefix
     if config.custom_op_library:
         library = Path(config.custom_op_library)
         if not library.is_file():

@@ -1,0 +1,121 @@
+"""Data loading: stacked .npz, folders of feeds, random data, and refusals (no pickle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from optimodel.data import load_data, model_input_specs, parse_int_range, parse_shapes
+from optimodel.errors import DataError, UsageError
+from tests.conftest import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def digits_specs():
+    return model_input_specs(onnx.load(str(SAMPLES / "digits_cnn.onnx")))
+
+
+@pytest.fixture(scope="module")
+def transformer_specs():
+    return model_input_specs(onnx.load(str(SAMPLES / "transformer_block.onnx")))
+
+
+def test_parse_shapes():
+    assert parse_shapes(["x=1x3x224x224", "mask:2,16"]) == {"x": (1, 3, 224, 224), "mask": (2, 16)}
+    for bad in ["x=", "x=1xax3", "=1x2", "x=0x3", "x"]:
+        with pytest.raises(UsageError, match="--shape"):
+            parse_shapes([bad])
+
+
+def test_parse_int_range():
+    assert parse_int_range("0:255") == (0, 255)
+    assert parse_int_range("-5,5") == (-5, 5)
+    with pytest.raises(UsageError):
+        parse_int_range("9:1")
+
+
+def test_stacked_npz_batches_along_dynamic_batch_axis(digits_specs):
+    data = load_data(SAMPLES / "digits_test.npz", digits_specs, batch_size=100)
+    batches = list(data)
+    assert [b.size for b in batches] == [100, 100, 100, 100, 50]
+    assert batches[0].feed["input"].shape == (100, 1, 8, 8)
+    assert batches[-1].labels.shape == (50,)
+    assert data.has_labels and data.num_feeds == 5
+    whole = np.load(SAMPLES / "digits_test.npz")
+    np.testing.assert_array_equal(batches[1].feed["input"], whole["input"][100:200])
+
+
+def test_stacked_npz_with_extra_samples_axis(tmp_path, transformer_specs):
+    arr = np.random.default_rng(0).random((3, 2, 5, 64), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", hidden_states=arr)
+    feeds = list(load_data(tmp_path / "d.npz", transformer_specs))
+    assert len(feeds) == 3 and feeds[2].feed["hidden_states"].shape == (2, 5, 64)
+    np.testing.assert_array_equal(feeds[2].feed["hidden_states"], arr[2])
+
+
+def test_folder_of_feeds_with_varying_shapes(tmp_path, transformer_specs):
+    rng = np.random.default_rng(1)
+    for i, seq in enumerate([3, 7, 5]):
+        np.savez(tmp_path / f"feed_{i:02d}.npz", hidden_states=rng.random((1, seq, 64)))
+    feeds = list(load_data(tmp_path, transformer_specs))
+    assert [f.feed["hidden_states"].shape[1] for f in feeds] == [3, 7, 5]
+    assert all(f.feed["hidden_states"].dtype == np.float32 for f in feeds)  # cast from float64
+
+
+def test_random_data_uses_shape_and_int_range():
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (int32[N, L] ids, float[N, 3] f) => (int32[N, L] y) { y = Identity(ids) }"""
+    )
+    specs = model_input_specs(model)
+    data = load_data("random", specs, shapes={"ids": (2, 2048)}, int_range=(0, 256), num_samples=3)
+    feeds = list(data)
+    assert len(feeds) == 3
+    ids = feeds[0].feed["ids"]
+    assert ids.shape == (2, 2048) and ids.dtype == np.int32
+    assert ids.min() >= 0 and ids.max() <= 256
+    assert feeds[0].feed["f"].shape == (1, 3)
+    again = list(load_data("random", specs, shapes={"ids": (2, 2048)}, int_range=(0, 256)))
+    np.testing.assert_array_equal(again[0].feed["ids"], ids)  # seeded: reproducible
+
+
+def test_refuses_pickled_npz(tmp_path, digits_specs):
+    np.savez(tmp_path / "evil.npz", input=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataError, match="pickle"):
+        list(load_data(tmp_path / "evil.npz", digits_specs))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"image": np.zeros((2, 1, 8, 8), np.float32)}, "missing input"),
+        ({"input": np.zeros((2, 1, 8, 9), np.float32)}, "axis 3 is 9, not 8"),
+        ({"input": np.zeros((2, 8, 8), np.float32)}, "rank"),
+        ({"input": np.zeros((2, 1, 8, 8), np.int64)}, "int64 but the model expects float32"),
+        ({"input": np.zeros((0, 1, 8, 8), np.float32)}, "zero samples"),
+    ],
+)
+def test_bad_npz_is_one_clear_error(tmp_path, digits_specs, arrays, message):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        list(load_data(tmp_path / "d.npz", digits_specs))
+
+
+def test_bad_files_and_folders(tmp_path, digits_specs):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_data(tmp_path / "x.npz", digits_specs)
+    with pytest.raises(DataError, match="no such"):
+        load_data(tmp_path / "nope.npz", digits_specs)
+    (tmp_path / "x.csv").write_text("1,2")
+    with pytest.raises(DataError, match="unsupported"):
+        load_data(tmp_path / "x.csv", digits_specs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no .npz"):
+        load_data(empty, digits_specs)
+    with pytest.raises(DataError, match="unknown input"):
+        load_data("random", digits_specs, shapes={"image": (1, 1, 8, 8)})
+    with pytest.raises(DataError, match="conflicts"):
+        load_data("random", digits_specs, shapes={"input": (1, 3, 8, 8)})
