@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from optimodel import __version__
-from optimodel.cli import eval_cmd, inspect_cmd
+from optimodel.cli import bench_cmd, doctor_cmd, eval_cmd, fold_cmd, inspect_cmd
 from optimodel.cli.common import STATE
 
 app = typer.Typer(
@@ -40,6 +40,9 @@ def root(
 
 app.command("inspect")(inspect_cmd.inspect)
 app.command("eval")(eval_cmd.eval_command)
+app.command("fold")(fold_cmd.fold)
+app.command("bench")(bench_cmd.bench)
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main() -> None:

@@ -63,3 +63,27 @@ CustomOpsOpt = Annotated[
         show_default=False,
     ),
 ]
+OutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Where to write the model.", show_default=False)
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Skip the numeric comparison with the input model.")
+]
+PassTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--pass-timeout",
+        min=0,
+        help="Seconds each pass may take; a pass that runs out is skipped and said.",
+        show_default=False,
+    ),
+]
+ExternalDataOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--external-data/--no-external-data",
+        help="Store weights in OUTPUT.data (default: only above the 2 GB protobuf limit).",
+        show_default=False,
+    ),
+]

@@ -1,0 +1,99 @@
+"""Small graph helpers on ONNX protos shared by the passes: uses, renames, types.
+
+Kept here so each pass file holds only its own rewrite.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+
+from optimodel.modelio import iter_graphs
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+    )
+
+
+def subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    """Names that nodes inside this graph's subgraphs read from outer scopes."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = (
+                [attr.g]
+                if attr.type == onnx.AttributeProto.GRAPH
+                else list(attr.graphs)
+                if attr.type == onnx.AttributeProto.GRAPHS
+                else []
+            )
+            for sub in subs:
+                for inner in iter_graphs(sub):
+                    for n in inner.node:
+                        names.update(i for i in n.input if i)
+                    names.update(o.name for o in inner.output)
+    return names
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> nodes of this graph that read it (not counting subgraphs)."""
+    uses: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                uses[name].append(node)
+    return uses
+
+
+def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every reader of `old` read `new`, inside subgraphs too (SSA: no shadowing)."""
+    for inner in iter_graphs(graph):
+        for node in inner.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        if inner is not graph:
+            for out in inner.output:
+                if out.name == old:
+                    out.name = new
+
+
+def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Name -> type for every value that shape inference (or the model) knows."""
+    types: dict[str, onnx.TypeProto] = {}
+    for graph in iter_graphs(model.graph):
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            if value.type.HasField("tensor_type"):
+                types[value.name] = value.type
+        for init in graph.initializer:
+            types[init.name] = onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims))
+    return types
+
+
+def static_shape(tp: onnx.TypeProto | None) -> list[int | None] | None:
+    """Dims of a tensor type (None for unknown dims), or None when the rank is unknown."""
+    if tp is None or not tp.tensor_type.HasField("shape"):
+        return None
+    return [int(d.dim_value) if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim]
+
+
+def elem_type(tp: onnx.TypeProto | None) -> int:
+    return tp.tensor_type.elem_type if tp is not None else 0

@@ -1,0 +1,203 @@
+"""Run passes with a safety net: checker, numeric comparison, time budget, records.
+
+After every pass the model is checked and its outputs compared with those of the
+stage before it on the same feeds, so a divergence names the pass that caused it.
+A pass that runs out of its time budget, or crashes, is skipped and said; the model
+stays what the previous verified stage produced.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from optimodel.data import Batch
+from optimodel.errors import OptimodelError, VerificationError
+from optimodel.modelio import check_model, iter_graphs, model_size
+from optimodel.passes import Pass
+from optimodel.runtime.sessions import SessionConfig, create_session, run_session
+from optimodel.verify import OutputComparator, get_tolerance
+
+
+class PassTimeout(Exception):
+    """Raised inside a pass when its time budget is spent."""
+
+
+@contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Interrupt the enclosed Python code after `seconds` (main thread, POSIX only)."""
+    usable = (
+        seconds
+        and seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def _expire(signum: int, frame: Any) -> None:
+        raise PassTimeout
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def count_nodes(model: onnx.ModelProto) -> int:
+    return sum(len(g.node) for g in iter_graphs(model.graph))
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, for the report."""
+
+    name: str
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    modified: bool = False
+    status: str = "ok"  # ok | skipped
+    reason: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    declined: list[dict[str, str]] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 4),
+            "modified": self.modified,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "stats": self.stats,
+            "declined": self.declined[:50],
+            "declined_total": len(self.declined),
+            "verification": self.verification,
+        }
+
+
+class StageOutputs:
+    """Outputs of the latest verified stage on fixed feeds, to compare the next one to."""
+
+    def __init__(self, batches: list[Batch], config: SessionConfig | None) -> None:
+        self.batches = batches
+        self.config = config
+        self.names: list[str] = []
+        self.outputs: list[list[np.ndarray]] = []
+
+    def run(self, model: onnx.ModelProto, source: str) -> tuple[list[str], list[list[np.ndarray]]]:
+        session = create_session(model, self.config, source=source)
+        names = [o.name for o in session.get_outputs()]
+        return names, [run_session(session, b.feed, source) for b in self.batches]
+
+    def set(self, names: list[str], outputs: list[list[np.ndarray]]) -> None:
+        self.names, self.outputs = names, outputs
+
+    def compare(
+        self, names: list[str], outputs: list[list[np.ndarray]], tolerance: str, where: str
+    ) -> dict[str, Any]:
+        missing = [n for n in self.names if n not in names]
+        if missing:
+            raise VerificationError(f"{where}: removed model output(s) {', '.join(missing)}")
+        comparator = OutputComparator(self.names)
+        for ref, cand in zip(self.outputs, outputs, strict=True):
+            by_name = dict(zip(names, cand, strict=True))
+            comparator.update(ref, [by_name[n] for n in self.names])
+        diffs = comparator.results()
+        violations = get_tolerance(tolerance).violations(diffs)
+        return {
+            "ok": not violations,
+            "tolerance": tolerance,
+            "feeds": comparator.feeds,
+            "outputs": [d.to_dict() for d in diffs],
+            "violations": violations,
+        }
+
+
+def run_passes(
+    model: onnx.ModelProto,
+    passes: list[Pass],
+    *,
+    batches: list[Batch] | None = None,
+    session_config: SessionConfig | None = None,
+    pass_timeout: float | None = None,
+    source: str = "model",
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Apply passes in order, verifying each against the stage before it.
+
+    `batches=None` skips the numeric comparison (`--no-verify`); the checker always runs.
+    """
+    stage = StageOutputs(batches, session_config) if batches is not None else None
+    if stage is not None:
+        stage.set(*stage.run(model, source))
+    records = []
+    current = model
+    for p in passes:
+        record = PassRecord(
+            name=p.name, nodes_before=count_nodes(current), bytes_before=model_size(current)
+        )
+        start = time.perf_counter()
+        try:
+            with time_budget(pass_timeout):
+                result = p.run(current)
+        except PassTimeout:
+            record.status, record.reason = "skipped", f"ran out of its {pass_timeout:g} s budget"
+        except OptimodelError:
+            raise
+        except RecursionError:
+            record.status, record.reason = "skipped", "graph too deep for this pass"
+        except Exception as exc:  # a pass bug must not lose the user's model
+            record.status = "skipped"
+            record.reason = f"internal error: {type(exc).__name__}: {str(exc)[:200]}"
+        record.seconds = time.perf_counter() - start
+        if record.status == "ok":
+            candidate = result.model
+            record.modified = result.modified
+            record.stats = result.stats
+            record.declined = result.declined
+            if result.modified:
+                check_model(candidate, f"{source} after pass '{p.name}'")
+                if stage is not None:
+                    where = f"pass '{p.name}'"
+                    names, outputs = stage.run(candidate, f"{source} after {where}")
+                    record.verification = stage.compare(names, outputs, p.tolerance, where)
+                    if not record.verification["ok"]:
+                        raise VerificationError(
+                            f"{source}: {where} changed the model's outputs: "
+                            f"{'; '.join(record.verification['violations'][:3])}; "
+                            f"skip it or report the model"
+                        )
+                    stage.set(names, outputs)
+                current = candidate
+        record.nodes_after = count_nodes(current)
+        record.bytes_after = model_size(current)
+        records.append(record)
+        if on_pass:
+            on_pass(record)
+    return current, records
+
+
+def default_pass_output(path: Path, suffix: str) -> Path:
+    """`model.onnx` -> `model.<suffix>.onnx`, the output name used when -o is omitted."""
+    return path.with_name(f"{path.stem}.{suffix}.onnx")
