@@ -134,6 +134,42 @@ class StageOutputs:
         }
 
 
+def _accept(
+    candidate: onnx.ModelProto,
+    record: PassRecord,
+    stage: StageOutputs | None,
+    p: Pass,
+    source: str,
+) -> bool:
+    """Check and verify a pass's output; False (pass skipped, said) if it is unusable.
+
+    A numeric divergence is not skipped: it raises, naming the pass, because it means
+    the pass is wrong for this model and the user must know.
+    """
+    where = f"pass '{p.name}'"
+    try:
+        check_model(candidate, f"{source} after {where}")
+    except OptimodelError as exc:
+        record.status, record.reason = "skipped", f"its output fails the checker: {exc.message}"
+        return False
+    if stage is None:
+        return True
+    try:
+        names, outputs = stage.run(candidate, f"{source} after {where}")
+    except OptimodelError as exc:  # the rewrite no longer loads or runs
+        record.status = "skipped"
+        record.reason = f"its output does not run in ONNX Runtime: {exc.message}"
+        return False
+    record.verification = stage.compare(names, outputs, p.tolerance, where)
+    if not record.verification["ok"]:
+        raise VerificationError(
+            f"{source}: {where} changed the model's outputs: "
+            f"{'; '.join(record.verification['violations'][:3])}; skip it or report the model"
+        )
+    stage.set(names, outputs)
+    return True
+
+
 def run_passes(
     model: onnx.ModelProto,
     passes: list[Pass],
@@ -172,24 +208,11 @@ def run_passes(
             record.reason = f"internal error: {type(exc).__name__}: {str(exc)[:200]}"
         record.seconds = time.perf_counter() - start
         if record.status == "ok":
-            candidate = result.model
             record.modified = result.modified
             record.stats = result.stats
             record.declined = result.declined
-            if result.modified:
-                check_model(candidate, f"{source} after pass '{p.name}'")
-                if stage is not None:
-                    where = f"pass '{p.name}'"
-                    names, outputs = stage.run(candidate, f"{source} after {where}")
-                    record.verification = stage.compare(names, outputs, p.tolerance, where)
-                    if not record.verification["ok"]:
-                        raise VerificationError(
-                            f"{source}: {where} changed the model's outputs: "
-                            f"{'; '.join(record.verification['violations'][:3])}; "
-                            f"skip it or report the model"
-                        )
-                    stage.set(names, outputs)
-                current = candidate
+            if result.modified and _accept(result.model, record, stage, p, source):
+                current = result.model
         record.nodes_after = count_nodes(current)
         record.bytes_after = model_size(current)
         records.append(record)

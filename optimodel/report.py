@@ -281,7 +281,7 @@ def render_markdown(report: Report | dict[str, Any]) -> str:
                 [
                     [
                         r.get("model"),
-                        r.get("provider"),
+                        r.get("provider_display", r.get("provider")),
                         r.get("threads"),
                         r.get("p50_ms"),
                         r.get("p90_ms"),

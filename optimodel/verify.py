@@ -195,6 +195,37 @@ class VerificationResult:
         }
 
 
+def _flat(value: Any) -> np.ndarray:
+    """One array for a tensor, a sequence of tensors (ORT returns a list), a map or None."""
+    if value is None:
+        return np.zeros(0)
+    if isinstance(value, dict):
+        value = [value[k] for k in sorted(value)]
+    if isinstance(value, (list, tuple)):
+        parts = [_flat(v).ravel() for v in value]
+        if not parts:
+            return np.zeros(0)
+        kinds = {p.dtype.kind for p in parts}
+        return (
+            np.concatenate(parts)
+            if len(kinds) == 1
+            else np.concatenate([p.astype(np.float64) for p in parts])
+        )
+    return np.asarray(value)
+
+
+def _as_arrays(name: str, ref: Any, cand: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays to compare; sequences must agree in length and element shapes first."""
+    if isinstance(ref, (list, tuple, dict)) or isinstance(cand, (list, tuple, dict)):
+        if type(ref) is not type(cand) or len(ref) != len(cand):
+            raise VerificationError(f"output '{name}': sequence lengths or kinds differ")
+        if isinstance(ref, (list, tuple)):
+            for a, b in zip(ref, cand, strict=True):
+                if np.shape(a) != np.shape(b):
+                    raise VerificationError(f"output '{name}': sequence element shapes differ")
+    return _flat(ref), _flat(cand)
+
+
 class OutputComparator:
     """Accumulates differences between reference and candidate outputs, by output name."""
 
@@ -203,9 +234,9 @@ class OutputComparator:
         self._acc = {name: _Accumulator(name) for name in names}
         self.feeds = 0
 
-    def update(self, ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
+    def update(self, ref: list[Any], cand: list[Any]) -> None:
         for name, r, c in zip(self.names, ref, cand, strict=True):
-            self._acc[name].update(np.asarray(r), np.asarray(c))
+            self._acc[name].update(*_as_arrays(name, r, c))
         self.feeds += 1
 
     def results(self) -> list[OutputDiff]:
