@@ -21,6 +21,7 @@ from onnx import helper
 from optimodel.errors import DataError, UsageError
 
 LABELS_KEY = "labels"
+MAX_RANDOM_INPUT_BYTES = 4 * 2**30
 RANDOM = "random"
 
 Dim = int | str | None
@@ -324,6 +325,12 @@ def random_feed(
     feed = {}
     for spec in specs:
         shape = resolve_shape(spec, shapes, batch_size)
+        nbytes = int(np.prod(shape, dtype=np.float64)) * max(spec.dtype.itemsize, 1)
+        if nbytes > MAX_RANDOM_INPUT_BYTES:
+            raise DataError(
+                f"input '{spec.name}' of shape {'x'.join(map(str, shape))} would need "
+                f"{nbytes / 2**30:.1f} GiB of random data; pass a smaller --shape or --data"
+            )
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
@@ -360,8 +367,9 @@ def load_data(
         )
     if source is None or str(source) == RANDOM:
         count = num_samples or 4
-        for spec in specs:  # fail now, not in the middle of a run
-            resolve_shape(spec, shapes, batch_size)
+        random_feed(
+            specs, shapes, np.random.default_rng(seed), batch_size=batch_size, int_range=int_range
+        )  # fail now, not in the middle of a run
 
         def factory() -> Iterator[Batch]:
             rng = np.random.default_rng(seed)

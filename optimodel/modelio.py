@@ -114,8 +114,13 @@ def external_data_files(model: onnx.ModelProto, base_dir: Path, source: Path) ->
     return files
 
 
-def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model, refusing files that are not one or cannot be trusted."""
+def load_model(
+    path: str | os.PathLike[str], *, load_external_data: bool = True, check: bool = True
+) -> onnx.ModelProto:
+    """Read an ONNX model, refusing files that are not one, are invalid, or untrusted.
+
+    `check=False` skips the ONNX checker (inspect shows a model before judging it).
+    """
     source = Path(path)
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file")
@@ -144,6 +149,8 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
                 external_data_helper.load_external_data_for_model(model, str(source.parent))
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"{source}: cannot read external data: {exc}") from exc
+    if check:
+        check_model(model, source)
     return model
 
 
@@ -197,16 +204,57 @@ def model_files_bytes(path: str | os.PathLike[str]) -> int:
     return total
 
 
-def check_model(model: onnx.ModelProto, source: str | os.PathLike[str] = "model") -> None:
-    """Run the ONNX checker; a failure becomes one line naming the model and the problem."""
+# Domains whose ops the onnx checker and ONNX Runtime know (com.microsoft: ORT contrib ops).
+KNOWN_DOMAINS = {
+    "",
+    "ai.onnx",
+    "ai.onnx.ml",
+    "ai.onnx.training",
+    "ai.onnx.preview.training",
+    "com.microsoft",
+}
+
+
+def custom_domains(model: onnx.ModelProto) -> set[str]:
+    """Op domains no standard tool knows: their nodes are opaque and kept as they are."""
+    return {
+        n.domain for g in iter_graphs(model.graph) for n in g.node if n.domain not in KNOWN_DOMAINS
+    }
+
+
+def check_model(
+    model: onnx.ModelProto, source: str | os.PathLike[str] = "model", *, strict: bool = False
+) -> None:
+    """Run the ONNX checker; a failure becomes one line naming the model and the problem.
+
+    `strict` adds type and shape inference, which custom-domain ops are exempt from
+    (their schemas are unknown, so inference cannot judge them).
+    """
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+            raise ModelLoadError(f"{source}: '{value.name}' declares a negative dimension")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(
+                f"{source}: uses opset {opset.version}, newer than this onnx supports ({newest})"
+            )
+    huge = model_size(model) >= EXTERNAL_DATA_THRESHOLD and Path(str(source)).is_file()
     try:
-        if model_size(model) >= EXTERNAL_DATA_THRESHOLD and Path(str(source)).is_file():
+        if huge:
             onnx.checker.check_model(str(source))
         else:
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         reason = " ".join(str(exc).split("\n")[0:1]).strip() or type(exc).__name__
         raise ModelLoadError(f"{source}: fails the ONNX checker: {reason}") from exc
+    if strict and not huge and not custom_domains(model):
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ModelLoadError(f"{source}: fails ONNX type/shape inference: {reason}") from exc
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:

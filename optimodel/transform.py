@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from optimodel.data import load_data, model_input_specs
-from optimodel.modelio import Provenance, check_output_path, load_model, save_model
+from optimodel.modelio import (
+    Provenance,
+    check_model,
+    check_output_path,
+    custom_domains,
+    load_model,
+    save_model,
+)
 from optimodel.passes import Pass
 from optimodel.pipeline import PassRecord, run_passes
 from optimodel.report import Report, model_record
@@ -45,10 +52,11 @@ def transform_file(
     check_output_path(target, input_path=source, force=force)
     report = Report(subcommand=subcommand)
     model = load_model(source)
+    check_model(model, source, strict=True)
     report.input_model = model_record(source, model)
     batches = None
     dataset = None
-    if verify and not _runnable(model, session_config, report):
+    if verify and not _runnable(model, session_config, report, source):
         verify = False
     if verify:
         dataset = load_data(
@@ -96,16 +104,26 @@ def transform_file(
     return report.finish()
 
 
-def _runnable(model: Any, config: SessionConfig | None, report: Report) -> bool:
-    """Whether ONNX Runtime can run the input; if not, passes still run, unverified, and say so."""
+def _runnable(model: Any, config: SessionConfig | None, report: Report, source: Path) -> bool:
+    """Whether ONNX Runtime can run the input.
+
+    A model with custom-domain ops it has no kernels for is still transformed (its
+    unknown ops kept as they are), unverified, and the report says so; any other
+    model ONNX Runtime refuses is refused here too.
+    """
     from optimodel.errors import OptimodelError
     from optimodel.runtime.sessions import create_session
 
     try:
-        create_session(model, config, source="input model")
-    except OptimodelError as exc:
+        create_session(model, config, source=str(source))
+    except OptimodelError:
+        domains = custom_domains(model)
+        if not domains:
+            raise
         report.messages.append(
-            f"numeric verification skipped: {exc.message} (the ONNX checker still ran)"
+            f"numeric verification skipped: ONNX Runtime has no kernels for "
+            f"{', '.join(sorted(domains))} ops (pass --custom-op-library to verify); "
+            f"the ONNX checker still ran"
         )
         return False
     return True

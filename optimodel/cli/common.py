@@ -33,6 +33,18 @@ def print_error(message: str, hint: str | None = None) -> None:
         err_console.print(f"  {hint}", markup=False)
 
 
+def _name_the_file(message: str, kwargs: dict[str, Any]) -> str:
+    """Prefix the model path when an error (e.g. about an input) does not name a file."""
+    models = kwargs.get("model") or kwargs.get("models")
+    paths = [models] if isinstance(models, (str, Path)) else list(models or [])
+    if not paths or any(Path(p).name in message for p in paths):
+        return message
+    data = kwargs.get("data") or kwargs.get("calib_data")
+    if data and Path(str(data)).name in message:
+        return message
+    return f"{paths[0]}: {message}"
+
+
 def handle_errors(func: F) -> F:
     """Turn OptimodelError (and anything unexpected) into a clean exit code."""
 
@@ -45,7 +57,8 @@ def handle_errors(func: F) -> F:
         except OptimodelError as exc:
             if STATE["debug"]:
                 traceback.print_exc()
-            print_error(exc.message.replace("[", "\\["), exc.hint)
+            message = _name_the_file(exc.message, kwargs)
+            print_error(message.replace("[", "\\["), exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print_error("interrupted")

@@ -136,13 +136,13 @@ def inspect(
     """Show opset, signature, op histogram, parameters, sparsity, MACs, external data."""
     from optimodel.data import parse_shapes
     from optimodel.inspection import inspect_model
-    from optimodel.modelio import load_model
+    from optimodel.modelio import check_model, load_model
     from optimodel.report import Report, check_report_paths, model_record
 
     reports = check_report_paths(report)
     shapes = parse_shapes(shape)
     run = Report(subcommand="inspect")
-    loaded = load_model(model)
+    loaded = load_model(model, check=False)
     info = inspect_model(loaded, model, shapes=shapes)
     run.input_model = model_record(model, loaded)
     run.inspect = info
@@ -152,3 +152,4 @@ def inspect(
     elif not quiet:
         render_inspect(info)
     write_reports(run, reports, quiet or json_out)
+    check_model(loaded, model, strict=True)  # shown first, judged after: invalid exits 1
