@@ -232,7 +232,8 @@ def check_model(
     """
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        # -1 is how some exporters (Paddle) write a dynamic dim; anything lower is nonsense.
+        if any(d.HasField("dim_value") and d.dim_value < -1 for d in dims):
             raise ModelLoadError(f"{source}: '{value.name}' declares a negative dimension")
     newest = onnx.defs.onnx_opset_version()
     for opset in model.opset_import:

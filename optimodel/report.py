@@ -105,6 +105,10 @@ class Report:
     inspect: dict[str, Any] | None = None
     gates: list[dict[str, Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    # other configurations tried (e.g. by an accuracy budget): name, latency, accuracy
+    variants: list[dict[str, Any]] = field(default_factory=list)
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def finish(self) -> Report:
@@ -130,6 +134,9 @@ class Report:
             "inspect": self.inspect,
             "gates": self.gates,
             "messages": self.messages,
+            "recipe": self.recipe,
+            "stages": self.stages,
+            "variants": self.variants,
         }
         return _clean(data)
 
@@ -230,6 +237,9 @@ def verdict(data: dict[str, Any]) -> str:
         parts.append(f"{acc['model']['metric']} {_fmt(acc['model']['value'])}")
     if acc.get("drop") is not None:
         parts.append(f"drop {_fmt(acc['drop'])}")
+    latency = data.get("latency") or []
+    if len(latency) == 2 and latency[1].get("latency_ratio") is not None:
+        parts.append(f"p50 x{latency[1]['latency_ratio']:.2f}")
     ver = data.get("verification") or (acc.get("fidelity") if acc else None)
     if ver and ver.get("outputs"):
         worst = min(o["cosine"] for o in ver["outputs"])
@@ -247,6 +257,10 @@ def render_markdown(report: Report | dict[str, Any]) -> str:
     rows = model_rows(data)
     if rows:
         out += ["## Models", "", _md_table(MODEL_HEADERS, rows), ""]
+    if data.get("stages"):
+        out += ["## Stages", ""]
+        out.append(_md_table(STAGE_HEADERS, stage_table(data)))
+        out.append("")
     if data.get("passes"):
         out += ["## Passes", ""]
         out.append(
@@ -309,16 +323,169 @@ def render_markdown(report: Report | dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_html(report: Report | dict[str, Any]) -> str:
-    """A single self-contained HTML page (no network) holding the Markdown tables."""
+STAGE_HEADERS = ["stage", "status", "seconds", "nodes", "bytes", "cosine"]
+
+
+def stage_table(data: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for st in data.get("stages", []):
+        cosine = st.get("cosine_vs_previous", st.get("cosine_vs_input"))
+        rows.append(
+            [
+                st["stage"],
+                st.get("status", ""),
+                st.get("seconds"),
+                st.get("nodes"),
+                st.get("bytes"),
+                cosine,
+            ]
+        )
+    return rows
+
+
+def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
     import html
 
-    body = html.escape(render_markdown(report))
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>optimodel report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}pre{white-space:pre-wrap}</style>"
-        f"</head><body><pre>{body}</pre></body></html>\n"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
     )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _plots(data: dict[str, Any]) -> list[str]:
+    from optimodel import plots
+
+    charts = []
+    latency = data.get("latency") or []
+    labels = ["input", "output"] if len(latency) == 2 and data.get("output_model") else None
+    series = [
+        (
+            labels[i] if labels else Path(str(r.get("model", "model"))).name,
+            r.get("percentiles_ms") or [],
+        )
+        for i, r in enumerate(latency)
+    ]
+    charts.append(
+        plots.latency_boxes("Latency distribution per stage (p5-p95, box p25-p75)", series)
+    )
+    charts.append(
+        plots.bars(
+            "Model size per stage (bytes)",
+            [(st["stage"], st.get("bytes")) for st in data.get("stages", [])],
+        )
+    )
+    points = []
+    acc = data.get("accuracy") or {}
+    ver = data.get("verification") or {}
+    if len(latency) == 2:
+        if acc.get("model") and acc.get("reference"):
+            metric = acc["model"]["metric"]
+            points = [
+                ("input", latency[0].get("p50_ms"), acc["reference"]["value"]),
+                ("output", latency[1].get("p50_ms"), acc["model"]["value"]),
+            ]
+            y_label = metric
+        else:
+            cosine = min((o["cosine"] for o in ver.get("outputs", [])), default=None)
+            points = [
+                ("input", latency[0].get("p50_ms"), 1.0),
+                ("output", latency[1].get("p50_ms"), cosine),
+            ]
+            y_label = "cosine vs input"
+        for variant in data.get("variants", []):
+            points.append((variant["name"], variant.get("p50_ms"), variant.get("value")))
+        charts.append(
+            plots.scatter(
+                "Accuracy against latency for every variant", points, "p50 latency (ms)", y_label
+            )
+        )
+    return [c for c in charts if c]
+
+
+def render_html(report: Report | dict[str, Any]) -> str:
+    """One self-contained HTML file (inline CSS and SVG plots, no network)."""
+    import html
+
+    data = report.to_dict() if isinstance(report, Report) else report
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>optimodel {html.escape(data['subcommand'])} report</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "th{background:#f3f3f3}td:first-child{text-align:left}"
+        ".verdict{font-weight:bold;padding:0.5em;border-radius:4px}"
+        ".ok{background:#e5f5e0}.bad{background:#fde0dd}code{background:#f3f3f3}</style>",
+        "</head><body>",
+        f"<h1>optimodel {html.escape(data['subcommand'])}</h1>",
+        f"<p class='verdict {'ok' if data['status'] == 'ok' else 'bad'}'>"
+        f"{html.escape(verdict(data))}</p>",
+        f"<p><code>{html.escape(data['command'])}</code></p>",
+    ]
+    rows = model_rows(data)
+    if rows:
+        parts += ["<h2>Models</h2>", _html_table(MODEL_HEADERS, rows)]
+    if data.get("stages"):
+        parts += ["<h2>Stages</h2>", _html_table(STAGE_HEADERS, stage_table(data))]
+    charts = _plots(data)
+    if charts:
+        parts += ["<h2>Plots</h2>", *[f"<div>{c}</div>" for c in charts]]
+    if data.get("verification"):
+        ver = data["verification"]
+        parts += [
+            f"<h2>Verification ({html.escape(str(ver.get('data', '')))})</h2>",
+            _html_table(DIFF_HEADERS, diff_rows(ver)),
+        ]
+    acc = data.get("accuracy")
+    if acc:
+        parts += ["<h2>Accuracy</h2>", _html_table(ACCURACY_HEADERS, accuracy_rows(acc))]
+    if data.get("latency"):
+        headers = [
+            "model",
+            "provider",
+            "threads",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "load s",
+            "p50 ratio",
+        ]
+        parts += [
+            "<h2>Latency</h2>",
+            _html_table(
+                headers,
+                [
+                    [
+                        r.get("model"),
+                        r.get("provider_display", r.get("provider")),
+                        r.get("threads"),
+                        r.get("p50_ms"),
+                        r.get("p90_ms"),
+                        r.get("p99_ms"),
+                        r.get("session_load_s"),
+                        r.get("latency_ratio"),
+                    ]
+                    for r in data["latency"]
+                ],
+            ),
+        ]
+    if data.get("gates"):
+        parts += [
+            "<h2>Gates</h2>",
+            _html_table(
+                ["gate", "limit", "measured", "passed"],
+                [[g["name"], g["limit"], g["measured"], g["passed"]] for g in data["gates"]],
+            ),
+        ]
+    if data.get("messages"):
+        parts += ["<h2>Notes</h2><ul>"]
+        parts += [f"<li>{html.escape(m)}</li>" for m in data["messages"]]
+        parts += ["</ul>"]
+    versions = ", ".join(f"{k} {v}" for k, v in data["tool"].items())
+    parts += [f"<p><small>{html.escape(versions)}</small></p>", "</body></html>", ""]
+    return "\n".join(parts)
 
 
 def check_report_paths(paths: list[Path] | None) -> list[Path]:

@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from optimodel import __version__
-from optimodel.cli import bench_cmd, doctor_cmd, eval_cmd, fold_cmd, inspect_cmd
+from optimodel.cli import (
+    bench_cmd,
+    doctor_cmd,
+    eval_cmd,
+    fold_cmd,
+    fuse_cmd,
+    inspect_cmd,
+    optimize_cmd,
+)
 from optimodel.cli.common import STATE
 
 app = typer.Typer(
@@ -41,8 +49,10 @@ def root(
 app.command("inspect")(inspect_cmd.inspect)
 app.command("eval")(eval_cmd.eval_command)
 app.command("fold")(fold_cmd.fold)
+app.command("fuse")(fuse_cmd.fuse)
 app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("optimize")(optimize_cmd.optimize)
 
 
 def main() -> None:

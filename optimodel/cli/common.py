@@ -39,9 +39,10 @@ def _name_the_file(message: str, kwargs: dict[str, Any]) -> str:
     paths = [models] if isinstance(models, (str, Path)) else list(models or [])
     if not paths or any(Path(p).name in message for p in paths):
         return message
-    data = kwargs.get("data") or kwargs.get("calib_data")
-    if data and Path(str(data)).name in message:
-        return message
+    for key in ("data", "calib_data", "eval_data", "config"):
+        value = kwargs.get(key)
+        if value and Path(str(value)).name in message:
+            return message
     return f"{paths[0]}: {message}"
 
 

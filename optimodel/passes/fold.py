@@ -370,6 +370,12 @@ def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
     ):
         ir_model = p(ir_model).model
     out = ir.serde.serialize_model(ir_model)
+    for graph in iter_graphs(out.graph):  # onnx-ir records initializer types: redundant bytes
+        names = {t.name for t in graph.initializer}
+        kept = [v for v in graph.value_info if v.name not in names]
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
     stats["nodes_removed_by_cse_and_dce"] += before_nodes - sum(
         len(g.node) for g in iter_graphs(out.graph)
     )

@@ -1,0 +1,273 @@
+"""ONNX Runtime's transformer fusions (target `ort`): Attention, LayerNorm, GELU and friends.
+
+`onnxruntime.transformers` matches the attention subgraphs exporters emit far more
+thoroughly than a hand-written matcher would, so the `ort` target delegates to it
+(Python fusions only, `opt_level=0`, BERT rules with head count and hidden size
+detected). The call runs on a copy with its logging captured; any failure declines
+with the reason and leaves the model as it was. The result is made checker-clean:
+the `com.microsoft` opset is imported, and a LayerNormalization left on its own below
+opset 17 or a SimplifiedLayerNormalization (which ONNX Runtime accepts in the default
+domain but the ONNX checker does not) is written out as standard ops again. The raw
+attention mask format is used, so the fused model takes the same inputs with the same
+meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import onnx
+
+from optimodel.fusions import GraphOutcome, GraphPattern, GraphView, register, shapes_only
+from optimodel.fusions.layernorm import LAYERNORM_OPSET, expand_layernorm
+from optimodel.graphs import STANDARD_DOMAINS, copy_model, value_types
+
+MS_DOMAIN = "com.microsoft"
+# Pattern name -> the ONNX Runtime ops that hold one such fusion each.
+FUSED_OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("Attention", "MultiHeadAttention"),
+    "layernorm": (
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+    ),
+    "skip-layernorm": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    "gelu": ("Gelu", "FastGelu", "BiasGelu", "GemmFastGelu"),
+    "bias-gelu": ("BiasGelu",),
+    "embed-layernorm": ("EmbedLayerNormalization",),
+}
+# Loggers of onnxruntime.transformers whose lines explain a missed attention fusion, and
+# the lowest level worth reading from each.
+EXPLAINING_LOGGERS = {"fusion_attention": logging.DEBUG, "onnx_model_bert": logging.WARNING}
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[_Capture]:
+    """Route the optimizer's logging and prints into a buffer; a pass never prints."""
+    capture = _Capture()
+    root = logging.getLogger()
+    saved_handlers, saved_levels = root.handlers[:], {}
+    root.handlers = [capture]
+    for name in EXPLAINING_LOGGERS:
+        log = logging.getLogger(name)
+        saved_levels[name] = log.level
+        log.setLevel(logging.DEBUG)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield capture
+    finally:
+        root.handlers = saved_handlers
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _messages(capture: _Capture) -> list[str]:
+    seen: list[str] = []
+    for record in capture.records:
+        level = EXPLAINING_LOGGERS.get(record.name)
+        if level is not None and record.levelno >= level:
+            text = record.getMessage().strip().splitlines()[0][:160]
+            if text and text not in seen:
+                seen.append(text)
+    return seen
+
+
+def _op_counts(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _options(enabled: set[str]) -> Any:
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+
+    options = FusionOptions("bert")
+    options.enable_attention = "attention" in enabled
+    options.enable_layer_norm = "layernorm" in enabled
+    options.enable_skip_layer_norm = "skip-layernorm" in enabled
+    options.enable_bias_skip_layer_norm = "skip-layernorm" in enabled
+    options.enable_gelu = "gelu" in enabled
+    options.enable_bias_gelu = "gelu" in enabled and "bias-gelu" in enabled
+    options.enable_embed_layer_norm = "embed-layernorm" in enabled
+    options.enable_gelu_approximation = False  # approximations change numbers
+    options.enable_rotary_embeddings = False  # decoder-only LLM rules, slow to try on others
+    options.attention_mask_format = AttentionMaskFormat.AttentionMask  # inputs keep meaning
+    return options
+
+
+def _standard_clean(model: onnx.ModelProto) -> None:
+    """Import com.microsoft; write ops ONNX lacks at this opset back as standard ops.
+
+    ONNX Runtime puts LayerNormalization (standard only from opset 17) and its own
+    SimplifiedLayerNormalization in the default domain, where the ONNX checker refuses
+    them. Those left on their own (not absorbed into a Skip* op) are expanded; the
+    hand-written `layernorm` pattern then sees the decomposed form and says why it stays.
+    """
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
+        o.domain == MS_DOMAIN for o in model.opset_import
+    ):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    view = GraphView(model, {}, "ort")
+    lacking = {"SimplifiedLayerNormalization"}
+    if view.opset < LAYERNORM_OPSET:
+        lacking.add("LayerNormalization")
+    if not any(view.by_op.get(op) for op in lacking):
+        return
+    kept: list[onnx.NodeProto] = []
+    for node in view.nodes:
+        if node.op_type not in lacking or node.domain not in STANDARD_DOMAINS:
+            kept.append(node)
+            continue
+        expanded = expand_layernorm(view, node)
+        if expanded is None:
+            raise ValueError(f"cannot write {node.op_type} '{node.name}' as standard ops")
+        kept.extend(expanded[0])
+        model.graph.initializer.extend(expanded[1])
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+@register
+class OrtTransformerFusion(GraphPattern):
+    name = "ort-transformer"
+    serves = tuple(FUSED_OPS)
+    group = "transformer"
+    targets = ("ort",)
+    summary = "onnxruntime.transformers fusions: Attention, (Skip)LayerNorm, Gelu, BiasGelu"
+
+    def run(
+        self, model: onnx.ModelProto, enabled: set[str], types: dict[str, onnx.TypeProto]
+    ) -> GraphOutcome:
+        try:
+            from onnxruntime.transformers.optimizer import optimize_model  # noqa: F401
+        except ImportError as exc:
+            return GraphOutcome(None, declined=[_decline(f"onnxruntime.transformers: {exc}")])
+        # ONNX Runtime re-runs its symbolic shape inference up to four times (seconds on
+        # a large graph) only to keep SkipLayerNormalization off broadcasting Adds. So
+        # run without it, then prove the new SkipLayerNormalization inputs have one
+        # shape: by ONNX's inference, else by one symbolic inference of our own, else by
+        # running ONNX Runtime's optimizer again with its checks on.
+        result, stats, capture = _optimize(model, enabled, shape_inference=False)
+        info: dict[str, Any] = {}
+        unproven = _unproven_skips(model, result, types)
+        if unproven:
+            unproven = _unproven_skips(model, result, {**types, **_symbolic_types(model)})
+        if unproven:
+            result, stats, capture = _optimize(model, enabled, shape_inference=True)
+            info["ort_symbolic_shape_inference"] = True
+        info["ort_fused_operators"] = {k: v for k, v in stats.items() if v}
+        _standard_clean(result)
+        before, after = _op_counts(model), _op_counts(result)
+        declined: list[dict[str, str]] = []
+        attention_ops = FUSED_OPS["attention"]
+        if "attention" in enabled and sum(after[op] - before[op] for op in attention_ops) <= 0:
+            why = _messages(capture)
+            reason = "; ".join(why[-3:]) if why else "no attention subgraph matched"
+            declined.append({"pattern": "attention", "node": "", "reason": reason})
+        if after == before:
+            return GraphOutcome(None, declined=declined, info=info)
+        try:
+            onnx.checker.check_model(result)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            reason = f"the fused model fails the ONNX checker ({first}); nothing fused"
+            return GraphOutcome(None, declined=[_decline(reason)], info=info)
+        fired = {
+            name: max(0, sum(after[op] for op in ops) - sum(before[op] for op in ops))
+            for name, ops in FUSED_OPS.items()
+            if name in enabled
+        }
+        return GraphOutcome(
+            result, fired={k: v for k, v in fired.items() if v}, declined=declined, info=info
+        )
+
+
+def _optimize(
+    model: onnx.ModelProto, enabled: set[str], *, shape_inference: bool
+) -> tuple[onnx.ModelProto, dict[str, int], _Capture]:
+    """One run of ONNX Runtime's BERT fusions on a copy, logging captured."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = _options(enabled)
+    options.enable_shape_inference = shape_inference
+    with _captured() as capture:
+        optimizer = optimize_model(
+            copy_model(model),
+            model_type="bert",
+            num_heads=0,
+            hidden_size=0,
+            optimization_options=options,
+            opt_level=0,
+        )
+        stats = optimizer.get_fused_operator_statistics()
+    result: onnx.ModelProto = optimizer.model
+    result.producer_name, result.producer_version = model.producer_name, model.producer_version
+    return result, stats, capture
+
+
+def _same_dims(a: onnx.TypeProto | None, b: onnx.TypeProto | None) -> bool:
+    """Both 3-D with every dim equal: the same number or the same symbol."""
+    if a is None or b is None or not a.tensor_type.HasField("shape"):
+        return False
+    if not b.tensor_type.HasField("shape"):
+        return False
+    da, db = a.tensor_type.shape.dim, b.tensor_type.shape.dim
+    if len(da) != 3 or len(db) != 3:
+        return False
+    for x, y in zip(da, db, strict=True):
+        if x.HasField("dim_value") and y.HasField("dim_value"):
+            if x.dim_value != y.dim_value:
+                return False
+        elif not (x.dim_param and x.dim_param == y.dim_param):
+            return False
+    return True
+
+
+def _unproven_skips(
+    model: onnx.ModelProto, result: onnx.ModelProto, types: dict[str, onnx.TypeProto]
+) -> list[str]:
+    """New SkipLayerNormalization nodes not shown to add two tensors of one shape."""
+    known = {n.name for n in model.graph.node}
+    return [
+        node.name
+        for node in result.graph.node
+        if node.op_type.startswith("Skip")
+        and node.op_type.endswith("LayerNormalization")
+        and node.name not in known
+        and (
+            len(node.input) < 2
+            or not _same_dims(types.get(node.input[0]), types.get(node.input[1]))
+        )
+    ]
+
+
+def _symbolic_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Types from ONNX Runtime's symbolic shape inference (dims as expressions), or {}."""
+    # The transformers package's own entry: `onnxruntime.tools` imports torch when present.
+    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
+
+    try:
+        with _captured():
+            inferred = SymbolicShapeInferenceHelper.infer_shapes(
+                shapes_only(model), auto_merge=True, guess_output_rank=False
+            )
+    except Exception:  # it refuses some graphs (custom ops); then the slow path decides
+        return {}
+    return value_types(inferred) if inferred is not None else {}
+
+
+def _decline(reason: str) -> dict[str, str]:
+    return {"pattern": "ort-transformer", "node": "", "reason": reason}

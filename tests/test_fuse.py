@@ -1,0 +1,684 @@
+"""fuse: every pattern fires where it should, declines with a reason where it must not,
+keeps outputs equal (ONNX Runtime runs, explicit tolerances) and is idempotent."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import typer
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from optimodel.fusions import Pattern
+from optimodel.passes import get_pass
+from optimodel.pipeline import run_passes
+from optimodel.transform import transform_file
+from tests.conftest import SAMPLE_MODELS, SAMPLES, parse_model
+
+RNG = np.random.default_rng(0)
+F = TensorProto.FLOAT
+
+
+def _ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict, tol: float = 1e-5) -> None:
+    for x, y in zip(_run(a, feed), _run(b, feed), strict=True):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset: int = 17, extra_opsets=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    opsets = [helper.make_opsetid("", opset), *extra_opsets]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8 if opset < 21 else 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def _fuse(model: onnx.ModelProto, **options):
+    return get_pass("fuse", **options).run(model)
+
+
+def _x(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _reasons(result, pattern: str) -> list[str]:
+    return [d["reason"] for d in result.declined if d["pattern"] == pattern]
+
+
+# -- CNN patterns ------------------------------------------------------------------------------
+
+
+def _conv_bn(consumers: int = 1, transpose: bool = False, constant_nodes: bool = False):
+    op = "ConvTranspose" if transpose else "Conv"
+    w_shape = (3, 4, 3, 3) if transpose else (4, 3, 3, 3)
+    weights = {
+        "W": _x(*w_shape),
+        "B": _x(4),
+        "scale": RNG.uniform(0.5, 2, 4).astype(np.float32),
+        "bias": _x(4),
+        "mean": _x(4),
+        "var": RNG.uniform(0.5, 2, 4).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node(op, ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], name="bn"
+        ),
+    ]
+    outputs = [helper.make_tensor_value_info("y", F, ["N", 4, 6, 6])]
+    if consumers == 2:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", F, ["N", 4, 6, 6]))
+    inits = [_const(k, v) for k, v in weights.items()]
+    if constant_nodes:  # unfolded export: weights as Constant nodes
+        nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in inits] + nodes
+        inits = []
+    inputs = [helper.make_tensor_value_info("x", F, ["N", 3, 6, 6])]
+    return _model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["conv", "conv-transpose"])
+@pytest.mark.parametrize("constant_nodes", [False, True], ids=["initializers", "constants"])
+def test_conv_bn_folds_into_the_weights(transpose, constant_nodes):
+    model = _conv_bn(transpose=transpose, constant_nodes=constant_nodes)
+    result = _fuse(model)
+    assert result.modified and result.stats["fired"]["conv-bn"] == 1
+    ops = _ops(result.model)
+    assert ops["BatchNormalization"] == 0 and ops["ConvTranspose" if transpose else "Conv"] == 1
+    assert ops["Constant"] == 0  # the old weights went with the BN
+    _same_outputs(model, result.model, {"x": _x(2, 3, 6, 6)})
+
+
+def test_conv_bn_declines_when_the_conv_output_is_shared_and_can_be_skipped():
+    shared = _fuse(_conv_bn(consumers=2))
+    assert not shared.modified and _ops(shared.model)["BatchNormalization"] == 1
+    assert _reasons(shared, "conv-bn") == ["Conv output has other consumers"]
+    skipped = _fuse(_conv_bn(), skip=["conv-bn"])
+    assert not skipped.modified and _ops(skipped.model)["BatchNormalization"] == 1
+    assert "conv-bn" not in skipped.stats["fired"]
+
+
+def _conv_then(op: str, const: np.ndarray, second: tuple[str, np.ndarray] | None = None):
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node(op, ["c", "k"], ["m" if second else "y"], name="op"),
+    ]
+    inits = [_const("W", _x(4, 3, 1, 1)), _const("k", const)]
+    if second:
+        nodes.append(helper.make_node(second[0], ["m", "k2"], ["y"], name="op2"))
+        inits.append(_const("k2", second[1]))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", F, ["N", 4, 5, 5])],
+        inits,
+    )
+
+
+def test_conv_mul_add_folds_per_channel_constants():
+    model = _conv_then(
+        "Mul", RNG.uniform(0.5, 2, (4, 1, 1)).astype(np.float32), ("Add", _x(1, 4, 1, 1))
+    )
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"Conv": 1})
+    assert result.stats["fired"]["conv-mul-add"] == 2  # the Add joins in a second round
+    _same_outputs(model, result.model, {"x": _x(2, 3, 5, 5)})
+    for op, value in (("Sub", np.float32(0.25)), ("Div", np.full((4, 1, 1), 3, np.float32))):
+        single = _conv_then(op, value)
+        fused = _fuse(single)
+        assert _ops(fused.model) == Counter({"Conv": 1}), op
+        _same_outputs(single, fused.model, {"x": _x(1, 3, 5, 5)})
+
+
+def test_conv_mul_add_declines_spatial_constants():
+    result = _fuse(_conv_then("Mul", _x(1, 1, 5, 5)))
+    assert not result.modified
+    assert _reasons(result, "conv-mul-add") == ["constant of shape [1, 1, 5, 5] is not per-channel"]
+
+
+def _pad_conv(mode: str = "constant", pads=(0, 0, 1, 2, 0, 0, 2, 1), value: float = 0.0):
+    nodes = [
+        helper.make_node("Pad", ["x", "pads", "v"], ["p"], name="pad", mode=mode),
+        helper.make_node("Conv", ["p", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    inits = [
+        _const("pads", np.array(pads, np.int64)),
+        _const("v", np.array(value, np.float32)),
+        _const("W", _x(2, 3, 3, 3)),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", F, ["N", 2, "H", "W"])],
+        inits,
+    )
+
+
+def test_pad_conv_merges_zero_spatial_padding():
+    model = _pad_conv()
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"Conv": 1})
+    conv = result.model.graph.node[0]
+    assert list(helper.get_attribute_value(conv.attribute[-1])) == [2, 3, 3, 2]
+    _same_outputs(model, result.model, {"x": _x(2, 3, 6, 6)})
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"mode": "reflect"}, "Pad mode is not constant"),
+        ({"value": 1.0}, "Pad value is not zero"),
+        ({"pads": (0, 1, 0, 0, 0, 0, 0, 0)}, "Pad touches the batch or channel axis"),
+    ],
+)
+def test_pad_conv_declines(kwargs, reason):
+    result = _fuse(_pad_conv(**kwargs))
+    assert not result.modified and _reasons(result, "pad-conv") == [reason]
+
+
+def test_digits_cnn_fuses_every_batchnorm_with_identical_predictions():
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = _fuse(model)
+    assert result.stats["fired"]["conv-bn"] == 4
+    assert _ops(result.model)["BatchNormalization"] == 0
+    assert len(result.model.graph.node) == len(model.graph.node) - 4
+    data = np.load(SAMPLES / "digits_test.npz", allow_pickle=False)
+    before = _run(model, {"input": data["input"]})[0]
+    after = _run(result.model, {"input": data["input"]})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(after.argmax(1), before.argmax(1))
+    assert (after.argmax(1) == data["labels"]).mean() == (before.argmax(1) == data["labels"]).mean()
+
+
+# -- common patterns ---------------------------------------------------------------------------
+
+
+def _matmul_add(rank: int):
+    shape = ["N", 4] if rank == 2 else ["N", "S", 4]
+    return _model(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="add"),
+        ],
+        [helper.make_tensor_value_info("x", F, shape)],
+        [helper.make_tensor_value_info("y", F, [*shape[:-1], 3])],
+        [_const("W", _x(4, 3)), _const("b", _x(3))],
+    )
+
+
+def test_matmul_add_becomes_gemm_for_2d_inputs_only():
+    model = _matmul_add(2)
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"Gemm": 1})
+    _same_outputs(model, result.model, {"x": _x(5, 4)})
+    batched = _fuse(_matmul_add(3))
+    assert not batched.modified and _ops(batched.model) == Counter({"MatMul": 1, "Add": 1})
+    assert _reasons(batched, "matmul-add-gemm") == [
+        "MatMul A is 3-D; Gemm takes 2-D A, MatMul kept"
+    ]
+    assert not _fuse(model, skip="matmul-add-gemm").modified
+
+
+TRANSPOSES = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 4, 5] x) => (float[N, 4, 5, 3] y, float[N, 3, 4, 5] z)
+{{
+    a = Transpose<perm = [0, 2, 3, 1]>(x)
+    b = Transpose<perm = [0, 2, 1, 3]>(a)
+    y = Transpose<perm = [0, 2, 1, 3]>(b)
+    c = Transpose<perm = [0, 3, 1, 2]>(y)
+    {z}
+}}"""
+
+
+def test_transposes_compose_and_cancel():
+    model = parse_model(TRANSPOSES.format(z="z = Relu(c)"))
+    result = _fuse(model)
+    # a->b->y composes to one Transpose; c cancels it, so Relu reads x directly
+    assert _ops(result.model) == Counter({"Transpose": 1, "Relu": 1})
+    relu = next(n for n in result.model.graph.node if n.op_type == "Relu")
+    assert list(relu.input) == ["x"]
+    _same_outputs(model, result.model, {"x": _x(2, 3, 4, 5)})
+    # a cancelling pair that ends in a graph output keeps the name through an Identity
+    out = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 4] x) => (float[N, 3, 4] y)
+        {
+            a = Transpose<perm = [0, 2, 1]>(x)
+            y = Transpose<perm = [0, 2, 1]>(a)
+        }"""
+    )
+    cancelled = _fuse(out).model
+    assert _ops(cancelled) == Counter({"Identity": 1})
+    _same_outputs(out, cancelled, {"x": _x(2, 3, 4)})
+
+
+def test_reshape_of_reshape_keeps_the_last_unless_it_copies_dims():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 6, 4] x) => (float[M, 12] y)
+    <int64[3] s1 = {{-1, 2, 12}}, int64[2] s2 = {shape}>
+    {{
+        a = Reshape(x, s1)
+        y = Reshape(a, s2)
+    }}"""
+    model = parse_model(text.format(shape="{-1, 12}"))
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"Reshape": 1})
+    _same_outputs(model, result.model, {"x": _x(3, 6, 4)})
+    copying = _fuse(parse_model(text.format(shape="{0, -1}")))
+    assert not copying.modified
+    assert _reasons(copying, "reshape-reshape") == [
+        "outer shape copies a dimension (0) from the inner result"
+    ]
+
+
+def test_reshape_target_built_from_shape_becomes_constant():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, 8] x) => (float[B, S, 2, 4] y)
+        <int64 i0 = {0}, int64 i1 = {1}, int64[1] ax = {0}, int64[2] heads = {2, 4}>
+        {
+            s = Shape(x)
+            d0 = Gather(s, i0)
+            d1 = Gather(s, i1)
+            u0 = Unsqueeze(d0, ax)
+            u1 = Unsqueeze(d1, ax)
+            shape = Concat<axis = 0>(u0, u1, heads)
+            y = Reshape(x, shape)
+        }"""
+    )
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"Reshape": 1})
+    target = next(t for t in result.model.graph.initializer if t.dims == [4])
+    assert numpy_helper.to_array(target).tolist() == [0, 0, 2, 4]
+    for batch, seq in ((1, 1), (3, 7)):
+        _same_outputs(model, result.model, {"x": _x(batch, seq, 8)})
+
+
+def test_output_identity_merges_into_its_producer():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y, float[N, 4] x2)
+        {
+            r = Relu(x)
+            y = Identity(r)
+            x2 = Identity(x)
+        }"""
+    )
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"Relu": 1, "Identity": 1})  # input pass-through stays
+    _same_outputs(model, result.model, {"x": _x(2, 4)})
+
+
+# -- transformer patterns ----------------------------------------------------------------------
+
+LAYERNORM = """<ir_version: {ir}, opset_import: ["" : {opset}]>
+g (float[B, S, 8] x) => (float[B, S, 8] y)
+<float two = {{2.0}}, float eps = {{1e-5}}, float[8] gamma = {{1, 2, 3, 4, 5, 6, 7, 8}},
+ float[8] beta = {{0, 1, 0, 1, 0, 1, 0, 1}}>
+{{
+    mean = ReduceMean<axes = [-1]>(x)
+    d = Sub(x, mean)
+    sq = Pow(d, two)
+    var = ReduceMean<axes = [-1]>(sq)
+    ve = Add(var, eps)
+    std = Sqrt(ve)
+    n = Div(d, std)
+    g = Mul(n, gamma)
+    y = Add(g, beta)
+}}"""
+
+
+LAYERNORM_VARIANT = (  # squares by Mul, divides by Reciprocal + Mul: the same LayerNorm
+    ("sq = Pow(d, two)", "sq = Mul(d, d)"),
+    ("n = Div(d, std)", "r = Reciprocal(std)\n    n = Mul(r, d)"),
+)
+
+
+@pytest.mark.parametrize("variant", [False, True], ids=["pow-div", "mul-reciprocal"])
+def test_layernorm_becomes_the_standard_op_from_opset_17(variant):
+    text = LAYERNORM
+    for old, new in LAYERNORM_VARIANT if variant else ():
+        text = text.replace(old, new)
+    model = parse_model(text.format(ir=8, opset=17))
+    for target in ("portable", "ort"):
+        result = _fuse(model, target=target)
+        assert _ops(result.model) == Counter({"LayerNormalization": 1}), target
+        assert result.stats["fired"]["layernorm"] == 1
+        _same_outputs(model, result.model, {"x": _x(2, 3, 8)})
+    old = _fuse(parse_model(LAYERNORM.format(ir=7, opset=12)), target="portable")
+    assert not old.modified
+    assert "needs opset 17" in _reasons(old, "layernorm")[0]
+    assert not _fuse(model, target="portable", skip=["layernorm"]).modified
+
+
+GELU_ERF = """<ir_version: 9, opset_import: ["" : {opset}]>
+g (float[N, 16] x) => (float[N, 16] y)
+<float root2 = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}>
+{{
+    a = Div(x, root2)
+    e = Erf(a)
+    b = Add(e, one)
+    c = Mul(x, b)
+    y = Mul(c, half)
+}}"""
+
+GELU_TANH = """<ir_version: 9, opset_import: ["" : {opset}]>
+g (float[N, 16] x) => (float[N, 16] y)
+<float k = {{0.044715}}, float c = {{0.7978845608}}, float one = {{1.0}},
+ float half = {{0.5}}>
+{{
+    x2 = Mul(x, x)
+    p = Mul(x2, x)
+    q = Mul(k, p)
+    s = Add(x, q)
+    t = Mul(s, c)
+    h = Tanh(t)
+    a = Add(h, one)
+    hx = Mul(x, half)
+    y = Mul(hx, a)
+}}"""
+
+
+@pytest.mark.parametrize("text, approximate", [(GELU_ERF, None), (GELU_TANH, "tanh")])
+def test_gelu_forms_become_the_standard_op_from_opset_20(text, approximate):
+    model = parse_model(text.format(opset=20))
+    result = _fuse(model, preset="transformer", target="portable")
+    assert _ops(result.model) == Counter({"Gelu": 1})
+    node = result.model.graph.node[0]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}.get(
+        "approximate", b"none"
+    ) == (approximate.encode() if approximate else b"none")
+    _same_outputs(model, result.model, {"x": _x(4, 16) * 3})
+    old = _fuse(parse_model(text.format(opset=17)), preset="transformer", target="portable")
+    assert not old.modified and "needs opset 20" in _reasons(old, "gelu")[0]
+    # target ort: ONNX Runtime's own Gelu / FastGelu at any opset
+    ort_fused = _fuse(parse_model(text.format(opset=17)), preset="transformer")
+    assert _ops(ort_fused.model) == Counter({"FastGelu" if approximate else "Gelu": 1})
+    _same_outputs(model, ort_fused.model, {"x": _x(4, 16) * 3}, tol=1e-4)
+
+
+def _transformer_feed(batch: int = 2, seq: int = 7) -> dict[str, np.ndarray]:
+    return {"hidden_states": _x(batch, seq, 64)}
+
+
+def test_transformer_sample_with_ort_target_fuses_attention_layernorm_and_gelu():
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    result = _fuse(model, target="ort")
+    fired = result.stats["fired"]
+    assert fired["layernorm"] == 2 and fired["gelu"] == 1 and fired["attention"] == 1
+    assert fired["skip-layernorm"] == 1
+    ops = _ops(result.model)
+    assert ops["Attention"] == 1 and ops["Softmax"] == 0 and ops["ReduceMean"] == 0
+    assert ops["Erf"] == 0
+    assert len(result.model.graph.node) < len(model.graph.node) / 5
+    assert "warnings" not in result.stats
+    domains = {o.domain for o in result.model.opset_import}
+    assert "com.microsoft" in domains
+    onnx.checker.check_model(result.model)
+    for batch, seq in ((1, 1), (2, 7)):
+        _same_outputs(model, result.model, _transformer_feed(batch, seq), tol=1e-4)
+    # folding first changes nothing about what fuses
+    folded = get_pass("fold").run(model).model
+    assert _fuse(folded, target="ort").stats["fired"] == fired
+
+
+def test_transformer_sample_with_portable_target_uses_standard_ops_only():
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    result = _fuse(model, target="portable")
+    assert {n.domain for n in result.model.graph.node} <= {""}
+    ops = _ops(result.model)
+    assert ops["LayerNormalization"] == 2 and ops["ReduceMean"] == 0
+    assert ops["Shape"] == 0 and ops["Gather"] == 0  # reshape targets became constants
+    assert any("attention not fused" in w for w in result.stats["warnings"])
+    assert "needs opset 20" in _reasons(result, "gelu")[0]  # the sample is opset 17
+    _same_outputs(model, result.model, _transformer_feed(), tol=1e-4)
+
+
+def test_presets_pick_pattern_groups():
+    transformer = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    cnn_only = _fuse(transformer, preset="cnn")
+    assert cnn_only.stats["groups"] == ["cnn", "common"]
+    assert _ops(cnn_only.model)["Attention"] == 0 and _ops(cnn_only.model)["ReduceMean"] == 4
+    digits = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    assert _fuse(digits).stats["groups"] == ["cnn", "common"]
+    # a classifier head (MatMul by a weight + Softmax) is not attention
+    mlp = onnx.load(str(SAMPLES / "mlp.onnx"))
+    assert "transformer" not in _fuse(mlp).stats["groups"]
+
+
+def test_attention_and_layernorm_misses_are_warned_about():
+    model = parse_model(LAYERNORM.format(ir=7, opset=12))
+    result = _fuse(model, preset="transformer", target="portable")
+    warnings = result.stats["warnings"]
+    assert any(w.startswith("layernorm fused 0 times: LayerNormalization needs") for w in warnings)
+    assert any("attention not fused" in w for w in warnings)
+
+
+# -- safety ------------------------------------------------------------------------------------
+
+
+def _qdq_and_custom():
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "scale", "zp"], ["w"], name="dq"),
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node(
+            "BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"], name="bn", epsilon=1e-3
+        ),
+        helper.make_node("Transpose", ["bn"], ["t"], name="t", perm=[0, 2, 3, 1]),
+        helper.make_node("Fancy", ["t"], ["f"], name="fancy", domain="com.example"),
+        helper.make_node("Transpose", ["f"], ["y"], name="t2", perm=[0, 3, 1, 2]),
+    ]
+    inits = [
+        _const("wq", RNG.integers(-8, 8, (2, 2, 1, 1)).astype(np.int8)),
+        _const("scale", np.array(0.1, np.float32)),
+        _const("zp", np.array(0, np.int8)),
+        *(_const(k, np.ones(2, np.float32)) for k in "sbmv"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", F, ["N", 2, "H", "W"])],
+        inits,
+        extra_opsets=[helper.make_opsetid("com.example", 1)],
+    )
+
+
+def test_qdq_and_custom_domain_graphs_pass_through_unchanged():
+    model = _qdq_and_custom()
+    result = _fuse(model, preset="transformer")
+    assert not result.modified
+    assert result.model.SerializeToString() == model.SerializeToString()
+    both = _fuse(model, preset="cnn")
+    assert not both.modified
+    assert _reasons(both, "conv-bn") == [
+        "Conv weight is not a constant (quantized or computed at run time)"
+    ]
+
+
+def test_contrib_ops_and_matmulnbits_graph_does_not_crash():
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            ["x", "wq", "scales"],
+            ["m"],
+            name="mm4",
+            domain="com.microsoft",
+            K=16,
+            N=8,
+            bits=4,
+            block_size=16,
+        ),
+        helper.make_node("Add", ["m", "b"], ["a"], name="add"),
+        helper.make_node("Softmax", ["a"], ["y"], name="softmax", axis=-1),
+    ]
+    inits = [
+        _const("wq", RNG.integers(0, 255, (8, 1, 8)).astype(np.uint8)),
+        _const("scales", np.full(8, 0.01, np.float32)),
+        _const("b", _x(8)),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["N", 16])],
+        [helper.make_tensor_value_info("y", F, ["N", 8])],
+        inits,
+        extra_opsets=[helper.make_opsetid("com.microsoft", 1)],
+    )
+    for preset in ("auto", "transformer", "cnn"):
+        result = _fuse(model, preset=preset)
+        assert not result.modified
+        assert _ops(result.model) == _ops(model)
+    _run(model, {"x": _x(2, 16)})
+
+
+class _Exploding(Pattern):
+    name = "conv-bn"
+    group = "cnn"
+    anchors = ("BatchNormalization",)
+
+    def match(self, view, node):
+        raise ZeroDivisionError("boom")
+
+
+def test_a_pattern_that_raises_declines_and_leaves_the_graph(monkeypatch):
+    import optimodel.passes.fuse as fuse_module
+
+    real = fuse_module.node_patterns
+    monkeypatch.setattr(
+        fuse_module,
+        "node_patterns",
+        lambda: [_Exploding() if p.name == "conv-bn" else p for p in real()],
+    )
+    model = _conv_bn()
+    result = _fuse(model)
+    assert not result.modified and _ops(result.model)["BatchNormalization"] == 1
+    assert _reasons(result, "conv-bn") == ["internal error ZeroDivisionError: boom"]
+
+
+def test_unknown_options_are_usage_errors():
+    from optimodel.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown pattern"):
+        get_pass("fuse", skip=["conv-bnn"])
+    with pytest.raises(UsageError, match="unknown preset"):
+        get_pass("fuse", preset="rnn")
+    with pytest.raises(UsageError, match="unknown target"):
+        get_pass("fuse", target="tensorrt")
+
+
+@pytest.mark.parametrize("path", SAMPLE_MODELS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_fuse_is_verified_exact_and_idempotent_on_every_sample(path, target):
+    from optimodel.data import load_data, model_input_specs
+
+    model = onnx.load(str(path))
+    shapes = {"hidden_states": (2, 5, 64)} if path.stem == "transformer_block" else {}
+    feeds = list(load_data("random", model_input_specs(model), shapes=shapes, num_samples=2))
+    once, records = run_passes(model, [get_pass("fuse", target=target)], batches=feeds)
+    assert records[0].status == "ok", records[0].reason
+    twice = get_pass("fuse", target=target).run(once)
+    assert not twice.modified
+    assert twice.model.SerializeToString() == once.SerializeToString()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fuse_cli():
+    """The fuse command in a scratch Typer app (app.py registers it separately)."""
+    from optimodel.cli.fuse_cmd import fuse
+
+    app = typer.Typer()
+    app.command("fuse")(fuse)
+    app.command("other")(lambda: None)  # two commands keep `fuse` a subcommand
+
+    def run(*args):
+        return CliRunner().invoke(app, ["fuse", *map(str, args)])
+
+    return run
+
+
+def test_fuse_command_writes_a_verified_model_and_report(fuse_cli, tmp_path):
+    out, report = tmp_path / "fused.onnx", tmp_path / "fuse.json"
+    result = fuse_cli(SAMPLES / "digits_cnn.onnx", "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "conv-bn x4" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["passes"][0]["stats"]["fired"]["conv-bn"] == 4
+    assert data["verification"]["ok"]
+    assert _ops(onnx.load(str(out)))["BatchNormalization"] == 0
+    skipped = fuse_cli(
+        SAMPLES / "digits_cnn.onnx", "-o", out, "--force", "--skip", "conv-bn", "--json"
+    )
+    assert skipped.exit_code == 0, skipped.output
+    assert json.loads(skipped.stdout)["passes"][0]["stats"]["fired"] == {
+        k: 0 for k in data["passes"][0]["stats"]["fired"] if k != "conv-bn"
+    }
+    bad = fuse_cli(SAMPLES / "digits_cnn.onnx", "-o", tmp_path / "x.onnx", "--skip", "nope")
+    assert bad.exit_code == 2 and "conv-bn" in bad.output
+
+
+def test_transform_file_runs_fuse_with_the_portable_target(tmp_path):
+    report = transform_file(
+        SAMPLES / "transformer_block.onnx",
+        tmp_path / "out.onnx",
+        [get_pass("fuse", target="portable")],
+        subcommand="fuse",
+        shapes={"hidden_states": (2, 6, 64)},
+    )
+    data = report.to_dict()
+    assert data["verification"]["ok"]
+    saved = onnx.load(str(tmp_path / "out.onnx"))
+    assert {n.domain for n in saved.graph.node} == {""}
+    assert _ops(saved)["LayerNormalization"] == 2
+
+
+def test_skip_layernorm_over_a_broadcasting_add_stays_exact():
+    text = LAYERNORM.replace("(float[B, S, 8] x)", "(float[B, S, 8] h, float[1, S, 8] pos)")
+    text = text.replace("{{\n    mean", "{{\n    x = Add(h, pos)\n    mean")
+    model = parse_model(text.format(ir=8, opset=17))
+    result = _fuse(model, preset="transformer")
+    assert result.stats["fired"]["skip-layernorm"] == 1
+    # the shapes differ, so ONNX Runtime's own broadcast checks decided
+    assert result.stats["ort_symbolic_shape_inference"] is True
+    for batch in (1, 3):
+        _same_outputs(model, result.model, {"h": _x(batch, 5, 8), "pos": _x(1, 5, 8)})
+
+
+def test_half_precision_models_are_verified_at_fp16_tolerance():
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from optimodel.data import load_data, model_input_specs
+
+    model = convert_float_to_float16(
+        onnx.load(str(SAMPLES / "digits_cnn.onnx")), keep_io_types=True
+    )
+    fuse = get_pass("fuse")
+    feeds = list(load_data("random", model_input_specs(model), num_samples=2))
+    fused, records = run_passes(model, [fuse], batches=feeds)
+    assert records[0].status == "ok" and records[0].verification["tolerance"] == "fp16"
+    assert _ops(fused)["BatchNormalization"] == 0
+    data = np.load(SAMPLES / "digits_test.npz", allow_pickle=False)
+    before = _run(model, {"input": data["input"]})[0].argmax(1)
+    after = _run(fused, {"input": data["input"]})[0].argmax(1)
+    assert (before == after).mean() >= 0.995
+    assert get_pass("fuse").tolerance == "exact"  # the class default is untouched
