@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.installed
 SAMPLE := sample_models/digits_cnn.onnx
 OUT    ?= out
 
-# Batch conversion: every model in BATCH_IN processed in parallel with `make -j batch`.
-BATCH_IN  ?= sample_models
-BATCH_OUT ?= $(OUT)/batch
+# Batch conversion: every model in BATCH_IN optimized in parallel with `make -j batch`.
+BATCH_IN     ?= sample_models
+BATCH_OUT    ?= $(OUT)/batch
+BATCH_RECIPE ?= default
 BATCH_MODELS  := $(wildcard $(BATCH_IN)/*.onnx)
-BATCH_TARGETS := $(patsubst $(BATCH_IN)/%.onnx,$(BATCH_OUT)/%.inspect.json,$(BATCH_MODELS))
+BATCH_TARGETS := $(patsubst $(BATCH_IN)/%.onnx,$(BATCH_OUT)/%.onnx,$(BATCH_MODELS))
 
 .PHONY: setup run test test-all lint bench batch models clean
 
@@ -27,8 +28,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@mkdir -p $(OUT)
 	$(BIN)/optimodel inspect $(SAMPLE)
-	$(BIN)/optimodel eval $(SAMPLE) --data sample_models/digits_test.npz \
-		--report $(OUT)/digits_cnn.report.json --report $(OUT)/digits_cnn.report.md
+	$(BIN)/optimodel optimize $(SAMPLE) -o $(OUT)/digits_cnn.opt.onnx --force --config default \
+		--data sample_models/digits_test.npz --max-drop 0.5 \
+		--report $(OUT)/digits_cnn.report.json --report $(OUT)/digits_cnn.report.md \
+		--report $(OUT)/digits_cnn.report.html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -46,9 +49,10 @@ bench: $(STAMP)
 batch: $(BATCH_TARGETS)
 	@echo "batch: $(words $(BATCH_TARGETS)) model(s) -> $(BATCH_OUT)"
 
-$(BATCH_OUT)/%.inspect.json: $(BATCH_IN)/%.onnx | $(STAMP)
+$(BATCH_OUT)/%.onnx: $(BATCH_IN)/%.onnx | $(STAMP)
 	@mkdir -p $(BATCH_OUT)
-	$(BIN)/optimodel inspect $< --json > $@.tmp && mv $@.tmp $@
+	$(BIN)/optimodel optimize $< -o $@ --force --config $(BATCH_RECIPE) --no-bench --quiet \
+		--report $(BATCH_OUT)/$*.report.json
 
 models:
 	$(BIN)/python sample_models/make_models.py

@@ -9,6 +9,7 @@ import subprocess
 import onnx
 import pytest
 
+from optimodel.pipeline import count_nodes
 from tests.conftest import ROOT, SAMPLE_MODELS
 
 
@@ -25,11 +26,12 @@ def test_make_batch_parallel(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    produced = sorted(out.glob("*.inspect.json"))
-    assert [p.name.removesuffix(".inspect.json") for p in produced] == [
-        p.stem for p in SAMPLE_MODELS
-    ]
+    produced = sorted(out.glob("*.onnx"))
+    assert [p.stem for p in produced] == [p.stem for p in SAMPLE_MODELS]
     for path, model_path in zip(produced, SAMPLE_MODELS, strict=True):
-        info = json.loads(path.read_text())
-        assert info["nodes"] == len(onnx.load(str(model_path)).graph.node)
-    assert not list(out.glob("*.tmp"))
+        onnx.checker.check_model(onnx.load(str(path)))
+        report = json.loads((out / f"{path.stem}.report.json").read_text())
+        assert report["status"] == "ok" and report["verification"]["ok"]
+        assert report["input_model"]["nodes"] == count_nodes(onnx.load(str(model_path)))
+        assert report["output_model"]["nodes"] <= report["input_model"]["nodes"]
+    assert not list(out.glob(".*tmp*"))
