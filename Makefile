@@ -43,8 +43,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check optimodel tests sample_models benchmarks
 	$(BIN)/ruff format --check optimodel tests sample_models benchmarks
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+BENCH_STAMP := $(VENV)/.bench-installed
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
 
 batch: $(BATCH_TARGETS)
 	@echo "batch: $(words $(BATCH_TARGETS)) model(s) -> $(BATCH_OUT)"

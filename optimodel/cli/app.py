@@ -12,6 +12,7 @@ from optimodel.cli import (
     doctor_cmd,
     eval_cmd,
     fold_cmd,
+    fp16_cmd,
     fuse_cmd,
     inspect_cmd,
     optimize_cmd,
@@ -50,6 +51,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("eval")(eval_cmd.eval_command)
 app.command("fold")(fold_cmd.fold)
 app.command("fuse")(fuse_cmd.fuse)
+app.command("fp16")(fp16_cmd.fp16)
 app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("optimize")(optimize_cmd.optimize)

@@ -147,10 +147,27 @@ def fallback_providers(session: Any, requested: Sequence[str]) -> list[str]:
     return [PROVIDERS.get(p, p) for p in requested if PROVIDERS.get(p, p) not in active]
 
 
+_HALF_INPUTS = {"tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def adapt_feed(session: Any, feed: dict[str, Any]) -> dict[str, Any]:
+    """Cast float feeds to a float16 (or double) model input, so one data set fits the
+    float32 model and its half-precision conversion alike."""
+    wanted = {i.name: _HALF_INPUTS.get(i.type) for i in session.get_inputs()}
+    adapted = {}
+    for name, value in feed.items():
+        target = wanted.get(name)
+        dtype = getattr(value, "dtype", None)
+        if target and dtype is not None and dtype.kind == "f" and dtype.name != target:
+            value = value.astype(target)
+        adapted[name] = value
+    return adapted
+
+
 def run_session(session: Any, feed: dict[str, Any], source: str = "model") -> list[Any]:
     """Run once, turning ORT's runtime errors (bad shapes, kernels) into one line."""
     try:
-        return session.run(None, feed)
+        return session.run(None, adapt_feed(session, feed))
     except Exception as exc:  # ORT raises its own (non-public) exception classes
         text = str(exc).strip()
         line = next((ln for ln in text.splitlines() if ln.strip()), type(exc).__name__)
