@@ -1,6 +1,6 @@
 """Input data for verification, calibration and evaluation, without pickle.
 
-Three layouts (DESIGN.md): one `.npz` stacked along a samples axis, a folder of
+Three layouts (see the README): one `.npz` stacked along a samples axis, a folder of
 one-feed `.npz` files read lazily in sorted order, or `random` data built from the
 model's input signature. Everything is checked against the model's inputs up front so
 a wrong file fails with one line instead of deep inside ONNX Runtime.

@@ -1,7 +1,7 @@
 """Errors that the command line turns into one clear line and an exit code.
 
 Library code raises these instead of printing; the CLI maps `exit_code` to the
-process status (DESIGN.md: 1 work failed, 2 bad usage, 3 a gate failed).
+process status (1 work failed, 2 bad usage, 3 a gate failed; see the README).
 """
 
 from __future__ import annotations

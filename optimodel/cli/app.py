@@ -16,6 +16,8 @@ from optimodel.cli import (
     fuse_cmd,
     inspect_cmd,
     optimize_cmd,
+    prune_cmd,
+    quantize_cmd,
 )
 from optimodel.cli.common import STATE
 
@@ -52,6 +54,8 @@ app.command("eval")(eval_cmd.eval_command)
 app.command("fold")(fold_cmd.fold)
 app.command("fuse")(fuse_cmd.fuse)
 app.command("fp16")(fp16_cmd.fp16)
+app.command("quantize")(quantize_cmd.quantize)
+app.command("prune")(prune_cmd.prune)
 app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("optimize")(optimize_cmd.optimize)

@@ -1,6 +1,6 @@
 """What every command shares: error handling, consoles, progress, report writing.
 
-Errors become one or two plain lines on stderr and the exit code of DESIGN.md;
+Errors become one or two plain lines on stderr and the exit codes of the README;
 a traceback only with `optimodel --debug`.
 """
 

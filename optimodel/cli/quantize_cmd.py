@@ -1,0 +1,239 @@
+"""`optimodel quantize`: int8 / int4 through onnxruntime.quantization, verified and counted."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from optimodel.cli.common import console, handle_errors, write_reports
+from optimodel.cli.options import (
+    DataOpt,
+    ExternalDataOpt,
+    ForceOpt,
+    IntRangeOpt,
+    JsonOpt,
+    ModelArg,
+    NoVerifyOpt,
+    OutputOpt,
+    QuietOpt,
+    ReportOpt,
+    SamplesOpt,
+    ShapeOpt,
+)
+from optimodel.cli.transform_cmd import render_transform
+
+Repeatable = list[str] | None
+
+
+def _opt(*flags: str, help: str) -> Any:  # noqa: A002 - Typer's own keyword
+    return typer.Option(*flags, help=help, show_default=False)
+
+
+@handle_errors
+def quantize(
+    model: ModelArg,
+    output: OutputOpt,
+    mode: Annotated[
+        str, typer.Option("--mode", help="dynamic | static (calibrated) | weight-only (int4).")
+    ] = "dynamic",
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="cpu | cuda | tensorrt: picks the format and checks the result can run there.",
+        ),
+    ] = "cpu",
+    per_channel: Annotated[
+        bool | None,
+        typer.Option(
+            "--per-channel/--per-tensor",
+            help="Weight scales per output channel (static default) or per tensor (dynamic).",
+            show_default=False,
+        ),
+    ] = None,
+    weight_type: Annotated[
+        str | None, _opt("--weight-type", help="int8 (default) | uint8 weights (dynamic, static).")
+    ] = None,
+    op: Annotated[
+        Repeatable,
+        _opt("--op", help="Quantize only this op type (repeatable; default: per mode and target)."),
+    ] = None,
+    exclude_op: Annotated[
+        Repeatable, _opt("--exclude-op", help="Keep this op type in float (repeatable).")
+    ] = None,
+    exclude_node: Annotated[
+        Repeatable, _opt("--exclude-node", help="Keep this node in float, by name (repeatable).")
+    ] = None,
+    calib_data: Annotated[
+        str | None,
+        _opt(
+            "--calib-data",
+            help="Static: calibration inputs: a .npz (stacked), a folder of .npz, or 'random'.",
+        ),
+    ] = None,
+    calib_method: Annotated[
+        str | None, _opt("--calib-method", help="Static: minmax (default) | entropy | percentile.")
+    ] = None,
+    calib_samples: Annotated[
+        int | None, _opt("--calib-samples", help="Static: calibrate on at most N samples (128).")
+    ] = None,
+    quant_format: Annotated[
+        str | None, _opt("--format", help="Static: qdq (default) | qoperator (QLinear* ops, CPU).")
+    ] = None,
+    symmetric_activations: Annotated[
+        bool,
+        typer.Option(
+            "--symmetric-activations",
+            help="Static: int8 symmetric activations (CPU default: uint8, faster).",
+        ),
+    ] = False,
+    bits: Annotated[int | None, _opt("--bits", help="Weight-only: 4 (default) or 8.")] = None,
+    block_size: Annotated[
+        int | None, _opt("--block-size", help="Weight-only: weights per scale along K (32).")
+    ] = None,
+    int4_format: Annotated[
+        str | None,
+        _opt(
+            "--int4-format",
+            help="Weight-only: matmulnbits (ORT contrib op) | qdq (standard DQ int4 -> MatMul).",
+        ),
+    ] = None,
+    asymmetric_weights: Annotated[
+        bool,
+        typer.Option("--asymmetric-weights", help="Weight-only: zero points per block."),
+    ] = False,
+    quantize_head: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-head",
+            help="Weight-only: int4 for the LM-head-like last projection too (default: 8-bit).",
+        ),
+    ] = False,
+    accuracy_level: Annotated[
+        int | None,
+        _opt("--accuracy-level", help="Weight-only MatMulNBits compute: 0 float, 4 int8 (CPU)."),
+    ] = None,
+    bench: Annotated[
+        bool,
+        typer.Option("--bench", help="Time input and output on the CPU; warn if it got slower."),
+    ] = False,
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="Intra-op threads for --bench.")
+    ] = 1,
+    force: ForceOpt = False,
+    no_verify: NoVerifyOpt = False,
+    data: DataOpt = None,
+    samples: SamplesOpt = None,
+    shape: ShapeOpt = None,
+    int_range: IntRangeOpt = "0:255",
+    external_data: ExternalDataOpt = None,
+    report: ReportOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quantize to int8 (dynamic, static) or int4 weights, and say what really runs in int8."""
+    from optimodel.data import parse_int_range, parse_shapes
+    from optimodel.quant.api import quantize as quantize_model
+    from optimodel.report import check_report_paths
+
+    reports = check_report_paths(report)
+    given = {
+        "target": target,
+        "per_channel": per_channel,
+        "weight_type": weight_type,
+        "op_types": op,
+        "exclude_ops": exclude_op,
+        "exclude_nodes": exclude_node,
+        "calib_data": calib_data,
+        "calib_method": calib_method,
+        "calib_samples": calib_samples,
+        "format": quant_format,
+        "symmetric_activations": symmetric_activations or None,
+        "bits": bits,
+        "block_size": block_size,
+        "int4_format": int4_format,
+        "symmetric_weights": False if asymmetric_weights else None,
+        "keep_head": False if quantize_head else None,
+        "accuracy_level": accuracy_level,
+    }
+    run = quantize_model(
+        model,
+        output,
+        mode=mode,
+        force=force,
+        verify=not no_verify,
+        data=data,
+        samples=samples,
+        shapes=parse_shapes(shape),
+        int_range=parse_int_range(int_range),
+        external_data=external_data,
+        bench=bench,
+        threads=threads,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    result = run.to_dict()
+    if json_out:
+        print(json.dumps(result, indent=2))
+    elif not quiet:
+        _render(result)
+    write_reports(run, reports, quiet or json_out)
+
+
+def _render(data: dict[str, Any]) -> None:
+    """The transform tables, what was quantized, latency if measured, then warnings."""
+    from optimodel.quant.api import WARNING_PREFIX
+
+    messages = data.get("messages", [])
+    warnings = [m[len(WARNING_PREFIX) :] for m in messages if m.startswith(WARNING_PREFIX)]
+    notes = [m for m in messages if not m.startswith(WARNING_PREFIX)]
+    render_transform({**data, "messages": notes})
+    stats = data["passes"][0].get("stats") or {}
+    table = Table(title="Quantization", show_header=False)
+    table.add_column("")
+    table.add_column("", overflow="fold")
+    calibration = stats.get("calibration")
+    ratio = stats.get("weight_bytes_ratio")
+    rows = [
+        ("mode / target", f"{stats.get('mode')} / {stats.get('target')}"),
+        ("format", stats.get("format")),
+        ("activations", stats.get("activations")),
+        ("weights", stats.get("weights")),
+        (
+            "quantized layers",
+            ", ".join(f"{k} {v}" for k, v in (stats.get("quantized_ops") or {}).items()) or "none",
+        ),
+        ("layers left in float", _float_layers(stats)),
+        ("Q/DQ pairs", stats.get("qdq_pairs")),
+        (
+            "layer weight bytes",
+            f"{stats.get('weight_bytes_before', 0):,} -> {stats.get('weight_bytes_after', 0):,}"
+            + (f" ({ratio:.3f}x)" if ratio is not None else ""),
+        ),
+    ]
+    if calibration:
+        rows.append(("calibration", f"{calibration['method']} on {calibration['data']}"))
+    for label, value in rows:
+        table.add_row(label, escape(str(value)))
+    console.print(table)
+    for row in data.get("latency") or []:
+        console.print(
+            escape(
+                f"latency {row['model']}: p50 {row['p50_ms']:.3f} ms at {row['threads']} "
+                f"thread(s) ({row['latency_ratio']:.2f}x)"
+            )
+        )
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _float_layers(stats: dict[str, Any]) -> str:
+    count = stats.get("float_compute_nodes", 0)
+    names = stats.get("float_compute_names") or []
+    if not count:
+        return "0"
+    shown = ", ".join(names[:5]) + (", ..." if count > 5 else "")
+    return f"{count} ({shown})"

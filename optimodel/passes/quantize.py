@@ -1,0 +1,628 @@
+"""quantize: int8 (dynamic or static) and int4 weight-only through onnxruntime.quantization.
+
+ONNX Runtime's quantizers do the rewriting; this pass decides what they are asked for and
+checks what comes out. Before: fold (Constant-node weights become initializers, which
+quantize_dynamic needs), BatchNormalization folded into Conv, the opset converted where
+the quantized form needs it, shape inference, never `quant_pre_process`. Settings follow
+the target: on the CPU uint8 activations with int8 weights (U8S8, the fast VNNI path),
+for CUDA and TensorRT Q/DQ only with symmetric int8 (TensorRT refuses anything else).
+After: the checker, the op set against what the target provider can run, a CPU session,
+and figures read back from the graph (what really runs in integer arithmetic, Q/DQ
+pairs, layers left in float, weight bytes), because a quantizer that "succeeds" can
+still leave most of a model in float. ONNX Runtime's quantizers write files: they work in
+a private temporary folder that is removed afterwards, and their console output and log
+lines are collected into the stats instead of printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from optimodel.errors import OptimodelError, UsageError
+from optimodel.graphs import copy_model
+from optimodel.modelio import EXTERNAL_DATA_THRESHOLD, iter_graphs, model_size
+from optimodel.passes.base import Pass, PassResult, register_pass
+from optimodel.quant import prepare
+from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
+from optimodel.quant.targets import TARGETS, check_target
+
+MODES = ("dynamic", "static", "weight-only")
+FORMATS = ("qdq", "qoperator")
+INT4_FORMATS = ("matmulnbits", "qdq")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_TYPES = ("int8", "uint8")
+# Dynamic int8 on the CPU: ONNX Runtime's IntegerOps set without Conv, because
+# ConvInteger runs slower than fp32 there (static QDQ is the route for CNNs).
+DYNAMIC_CPU_OPS = ["MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"]
+# Static Q/DQ on the CPU: the weighted layers plus ops that only move or clip values.
+# ONNX Runtime's default also quantizes Add, Mul, Sigmoid, Softmax, ... (residuals,
+# normalizations, gates): measured on magika, that took the output cosine to 0.02 where
+# this set keeps 0.995 at the same speed (USER_ASKS item 9).
+STATIC_CPU_OPS = [
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    "MaxPool",
+    "AveragePool",
+    "Relu",
+    "Clip",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Resize",
+    "Concat",
+    "Slice",
+    "Split",
+]
+# Q/DQ for GPUs: the weighted layers TensorRT runs in int8 and propagates from.
+GPU_STATIC_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+QDQ_PER_CHANNEL_OPSET = 13
+INT4_QDQ_OPSET = 21
+NBITS_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+MODE_DEFAULTS: dict[str, Any] = {
+    "weight_type": "int8",
+    "calib_method": "minmax",
+    "calib_samples": 128,
+    "format": "qdq",
+    "symmetric_activations": False,
+    "bits": 4,
+    "block_size": 32,
+    "symmetric_weights": True,
+    "keep_head": True,
+}
+# Options that only mean something in some modes; setting one for another mode is refused.
+MODE_OPTIONS = {
+    "calib_data": ("static",),
+    "calib_method": ("static",),
+    "calib_samples": ("static",),
+    "format": ("static",),
+    "symmetric_activations": ("static",),
+    "weight_type": ("dynamic", "static"),
+    "per_channel": ("dynamic", "static"),
+    "bits": ("weight-only",),
+    "block_size": ("weight-only",),
+    "int4_format": ("weight-only",),
+    "symmetric_weights": ("weight-only",),
+    "keep_head": ("weight-only",),
+    "accuracy_level": ("weight-only",),
+}
+
+
+@contextlib.contextmanager
+def _quiet_ort() -> Iterator[list[str]]:
+    """Collect what ORT's quantizers print and log (warnings and up) instead of showing it."""
+    import onnxruntime as ort
+
+    captured: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage().strip()
+            if record.levelno >= logging.WARNING and "pre-process" not in message:
+                captured.append(message.splitlines()[0][:200] if message else "")
+
+    root = logging.getLogger()
+    nbits = logging.getLogger(NBITS_LOGGER)
+    saved = (root.handlers[:], root.level, nbits.level)
+    root.handlers = [_Collect()]
+    root.setLevel(logging.WARNING)
+    nbits.setLevel(logging.WARNING)
+    ort.set_default_logger_severity(3)  # the calibrator's sessions log unused initializers
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield captured
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default
+        root.handlers = saved[0]
+        root.setLevel(saved[1])
+        nbits.setLevel(saved[2])
+
+
+def _nbits_module() -> Any:
+    """ORT's MatMulNBits quantizer module; importing it calls logging.basicConfig: undone."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer
+    except ImportError as exc:
+        raise OptimodelError(
+            "weight-only quantization needs onnxruntime's MatMulNBitsQuantizer "
+            "(onnxruntime >= 1.20); upgrade onnxruntime"
+        ) from exc
+    finally:
+        root.handlers = saved[0]
+        root.setLevel(saved[1])
+    return matmul_nbits_quantizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _save(model: onnx.ModelProto, path: Path) -> bool:
+    """Write a model for ORT's file-based quantizers; external data above the 2 GB limit."""
+    big = model_size(model) >= EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+    )
+    return big
+
+
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    return sum(1 for _ in iter_graphs(model.graph)) > 1
+
+
+def _node_names(model: onnx.ModelProto) -> set[str]:
+    return {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Quantize with onnxruntime.quantization; the options are `optimodel quantize`'s."""
+
+    name = "quantize"
+    summary = "int8 dynamic / static (calibrated) or int4 weight-only, via onnxruntime"
+    tolerance = "int8"
+    # None: the mode's own default (MODE_DEFAULTS), so an option given for the wrong mode
+    # is told apart from one left alone.
+    defaults: dict[str, Any] = {
+        "mode": "dynamic",
+        "target": "cpu",
+        "per_channel": None,
+        "weight_type": None,
+        "op_types": None,
+        "exclude_ops": (),
+        "exclude_nodes": (),
+        "calib_data": None,
+        "calib_method": None,
+        "calib_samples": None,
+        "format": None,
+        "symmetric_activations": None,
+        "bits": None,
+        "block_size": None,
+        "int4_format": None,
+        "symmetric_weights": None,
+        "keep_head": None,
+        "accuracy_level": None,
+        "shapes": None,
+        "int_range": (0, 255),
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._per_channel = False
+        self._excluded: list[str] = []
+        self._validate()
+
+    # ------------------------------------------------------------------ options
+
+    def _validate(self) -> None:
+        """Refuse bad values and combinations now, before any model is loaded."""
+        o = self.options
+        mode = o["mode"]
+        if mode not in MODES:
+            raise UsageError(f"--mode '{mode}': choose from {', '.join(MODES)}")
+        for key, modes in MODE_OPTIONS.items():
+            if mode not in modes and o[key] not in (None, False, ()):
+                raise UsageError(
+                    f"--{key.replace('_', '-')} applies to --mode {' / '.join(modes)}, "
+                    f"not --mode {mode}"
+                )
+        for key, value in MODE_DEFAULTS.items():
+            if o[key] is None:
+                o[key] = value
+        # Per-channel weights by default for static: per-tensor lost too much on real CNNs
+        # (PP-OCR rec output cosine 0.77 per-tensor, 0.96 per-channel) at no measured cost.
+        self.per_channel_asked = o["per_channel"] is not None or o["target"] == "tensorrt"
+        if o["per_channel"] is None:
+            o["per_channel"] = mode == "static"
+        if o["target"] == "tensorrt":
+            o["per_channel"] = True
+        for key, choices in (
+            ("target", TARGETS),
+            ("format", FORMATS),
+            ("calib_method", CALIB_METHODS),
+            ("weight_type", WEIGHT_TYPES),
+        ):
+            if o[key] not in choices:
+                flag = key.replace("_", "-")
+                raise UsageError(f"--{flag} '{o[key]}': choose from {', '.join(choices)}")
+        target = o["target"]
+        if mode == "dynamic" and target != "cpu":
+            raise UsageError(
+                f"--mode dynamic makes ConvInteger / MatMulInteger / DynamicQuantizeLinear, "
+                f"which the {target} provider cannot run; use --mode static (QDQ) or "
+                "--mode weight-only for GPUs"
+            )
+        if mode == "static":
+            if not o["calib_data"]:
+                raise UsageError(
+                    "--mode static needs --calib-data: a .npz (samples stacked), a folder of "
+                    "one-feed .npz files, or 'random' (only for trying things out)"
+                )
+            if int(o["calib_samples"]) < 1:
+                raise UsageError(f"--calib-samples {o['calib_samples']}: must be at least 1")
+            if target != "cpu" and o["format"] != "qdq":
+                raise UsageError(
+                    f"--format qoperator makes QLinear* ops the {target} provider cannot run; "
+                    "use --format qdq"
+                )
+            if target == "tensorrt" and o["weight_type"] != "int8":
+                raise UsageError("TensorRT takes int8 weights only; drop --weight-type uint8")
+        if mode == "weight-only":
+            bits, block = int(o["bits"]), int(o["block_size"])
+            if bits not in (4, 8):
+                raise UsageError(f"--bits {bits}: weight-only supports 4 or 8")
+            if block < 16 or block & (block - 1):
+                raise UsageError(f"--block-size {block}: must be a power of two, at least 16")
+            fmt = o["int4_format"] or ("qdq" if target == "tensorrt" else "matmulnbits")
+            if fmt not in INT4_FORMATS:
+                raise UsageError(f"--int4-format '{fmt}': choose from {', '.join(INT4_FORMATS)}")
+            if fmt == "qdq" and bits != 4:
+                raise UsageError(
+                    "--int4-format qdq supports --bits 4 only (onnxruntime's quantizer)"
+                )
+            if fmt == "matmulnbits" and target == "tensorrt":
+                raise UsageError(
+                    "MatMulNBits is a com.microsoft op TensorRT cannot run; use --int4-format qdq"
+                )
+            self.options["int4_format"] = fmt
+
+    def _op_types(self) -> list[str]:
+        """The op types handed to ORT for this mode and target, minus --exclude-op."""
+        o = self.options
+        mode, target = o["mode"], o["target"]
+        if o["op_types"]:
+            ops = list(o["op_types"])
+        elif mode == "dynamic":
+            ops = list(DYNAMIC_CPU_OPS)
+        elif mode == "static":
+            ops = list(STATIC_CPU_OPS if target == "cpu" else GPU_STATIC_OPS)
+        else:
+            ops = ["MatMul"]
+        excluded = set(o["exclude_ops"] or ())
+        return [op for op in ops if op not in excluded]
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        mode = self.options["mode"]
+        self._per_channel = bool(self.options["per_channel"])
+        warnings: list[str] = []
+        steps: list[str] = []
+        work = prepare.fold(copy_model(model))
+        steps.append("fold")
+        if mode != "weight-only":
+            work, how = prepare.fold_batchnorm(work)
+            steps.append(f"batch-norm folding: {how}")
+        else:
+            work, gemms = prepare.gemm_to_matmul(work)
+            if gemms:
+                steps.append(f"{gemms} Gemm -> MatMul + Add (the int4 quantizer takes MatMul)")
+        needed = self._needed_opset()
+        if needed:
+            before = prepare.opset_of(work)
+            try:
+                work = prepare.convert_opset(work, needed[0], needed[1])
+            except OptimodelError as exc:
+                if mode != "static" or self.per_channel_asked:
+                    raise
+                self._per_channel = False  # the default, not a request: fall back
+                warnings.append(f"{exc.message}; quantized per-tensor instead")
+            if prepare.opset_of(work) != before:
+                steps.append(f"opset {before} -> {prepare.opset_of(work)} (onnx.version_converter)")
+        work, problem = prepare.shape_inference(work)
+        if problem:
+            warnings.append(f"{problem}; onnxruntime's quantizer may skip untyped tensors")
+        prepare.name_nodes(work)
+        self._excluded = self._resolve_exclusions(work, warnings)
+        bytes_before = weight_bytes(work)
+        with tempfile.TemporaryDirectory(prefix="optimodel-quantize-") as tmp, _quiet_ort() as log:
+            try:
+                if mode == "dynamic":
+                    result, details = self._dynamic(work, Path(tmp))
+                elif mode == "static":
+                    result, details = self._static(work, Path(tmp), warnings)
+                else:
+                    result, details = self._weight_only(work, warnings)
+            except OptimodelError:
+                raise
+            except MemoryError:
+                raise OptimodelError(
+                    f"{mode} quantization ran out of memory; "
+                    + ("lower --calib-samples" if mode == "static" else "try a smaller model")
+                ) from None
+            except Exception as exc:  # ORT's quantizers raise anything from assert to KeyError
+                raise OptimodelError(
+                    f"onnxruntime.quantization failed ({mode}): {type(exc).__name__}: "
+                    f"{_first_line(exc)}",
+                    hint="exclude the failing node with --exclude-node, or report the model",
+                ) from exc
+        self._check_output(result)
+        stats = self._stats(work, result, bytes_before, steps, details, warnings, log)
+        return PassResult(result, True, stats)
+
+    def _needed_opset(self) -> tuple[int, str] | None:
+        o = self.options
+        if o["mode"] == "weight-only" and o["int4_format"] == "qdq":
+            return INT4_QDQ_OPSET, "int4 DequantizeLinear (--int4-format qdq)"
+        if o["mode"] == "static" and o["format"] == "qdq" and self._per_channel:
+            return QDQ_PER_CHANNEL_OPSET, "per-channel Q/DQ (the axis attribute)"
+        return None
+
+    def _resolve_exclusions(self, model: onnx.ModelProto, warnings: list[str]) -> list[str]:
+        """Exclusions as nodes of the prepared model: a layer fusion renamed X -> X_1 is found."""
+        names = _node_names(model)
+        resolved, missing = [], []
+        for name in self.options["exclude_nodes"] or ():
+            renamed = [n for n in names if re.fullmatch(re.escape(name) + r"_\d+", n)]
+            if name in names:
+                resolved.append(name)
+            elif len(renamed) == 1:
+                resolved.append(renamed[0])
+                warnings.append(f"--exclude-node {name}: excluded {renamed[0]} (renamed by fusion)")
+            else:
+                missing.append(name)
+        if missing:
+            layers = sorted(
+                n.name for g in iter_graphs(model.graph) for n in g.node if n.op_type in COMPUTE_OPS
+            )
+            raise UsageError(
+                f"--exclude-node {', '.join(missing)}: no such node after folding and fusion "
+                f"(layers that can be excluded: {', '.join(layers[:8]) or 'none'}"
+                f"{', ...' if len(layers) > 8 else ''})"
+            )
+        present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
+        absent = [op for op in self.options["exclude_ops"] or () if op not in present]
+        if absent:
+            warnings.append(f"--exclude-op {', '.join(absent)}: no such op in the model")
+        return resolved
+
+    # ------------------------------------------------------------------ modes
+
+    def _dynamic(self, model: onnx.ModelProto, tmp: Path) -> tuple[onnx.ModelProto, dict]:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        o = self.options
+        src, out = tmp / "input.onnx", tmp / "quantized.onnx"
+        big = _save(model, src)
+        ops = self._op_types()
+        quantize_dynamic(
+            str(src),
+            str(out),
+            op_types_to_quantize=ops,
+            per_channel=bool(o["per_channel"]),
+            reduce_range=False,
+            weight_type=QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=list(self._excluded),
+            use_external_data_format=big,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        details = {
+            "format": "integer ops (DynamicQuantizeLinear + MatMulInteger / ConvInteger)",
+            "activations": "uint8, quantized at run time per tensor",
+            "weights": f"{o['weight_type']} {'per-channel' if o['per_channel'] else 'per-tensor'}",
+            "op_types": ops,
+        }
+        return onnx.load(str(out)), details
+
+    def _static(
+        self, model: onnx.ModelProto, tmp: Path, warnings: list[str]
+    ) -> tuple[onnx.ModelProto, dict]:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        from optimodel.quant.calibration import calibration_reader
+
+        o = self.options
+        target = o["target"]
+        calibration = calibration_reader(
+            o["calib_data"],
+            model,
+            samples=int(o["calib_samples"]),
+            shapes=o["shapes"],
+            int_range=tuple(o["int_range"]),  # type: ignore[arg-type]
+        )
+        warnings.extend(calibration.warnings)
+        reader = calibration.reader
+        symmetric = bool(o["symmetric_activations"]) or target != "cpu"
+        per_channel = self._per_channel
+        if target == "cpu" and o["symmetric_activations"]:
+            warnings.append(
+                "int8 activations (S8S8) run slower than uint8 (U8S8) on x86 CPUs; drop "
+                "--symmetric-activations unless the deployment target needs it"
+            )
+        extra: dict[str, Any] = {
+            "CalibStridedMinMax": calibration.chunk,
+            "ActivationSymmetric": symmetric,
+            "WeightSymmetric": o["weight_type"] == "int8",
+        }
+        if target == "tensorrt":
+            extra["QuantizeBias"] = False  # TensorRT dequantizes int8 only, never int32 bias
+        src, out = tmp / "input.onnx", tmp / "quantized.onnx"
+        big = _save(model, src)
+        ops = self._op_types()
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[o["calib_method"]]
+        quantize_static(
+            str(src),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ if o["format"] == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=ops,
+            per_channel=per_channel,
+            reduce_range=False,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=list(self._excluded),
+            use_external_data_format=big,
+            calibrate_method=method,
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options=extra,
+        )
+        details = {
+            "format": o["format"],
+            "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
+            "weights": f"{o['weight_type']}{' per-channel' if per_channel else ' per-tensor'}",
+            "op_types": ops,
+            "calibration": {"method": o["calib_method"], **calibration.describe()},
+        }
+        return onnx.load(str(out)), details
+
+    def _weight_only(
+        self, model: onnx.ModelProto, warnings: list[str]
+    ) -> tuple[onnx.ModelProto, dict]:
+        nbits = _nbits_module()
+        from onnxruntime.quantization import QuantFormat
+
+        o = self.options
+        bits, fmt = int(o["bits"]), o["int4_format"]
+        level = o["accuracy_level"]
+        if level is None and fmt == "matmulnbits":
+            # 4: int8 activations inside MatMulNBits, the fast CPU kernel; GPUs ignore it.
+            level = 4 if o["target"] == "cpu" else 0
+        excluded = list(self._excluded)
+        heads = prepare.head_matmuls(model) if o["keep_head"] and bits == 4 else []
+        heads = [h for h in heads if h not in excluded]
+
+        def quantize(source: onnx.ModelProto, nbits_: int, exclude: list[str]) -> onnx.ModelProto:
+            config = nbits.DefaultWeightOnlyQuantConfig(
+                block_size=int(o["block_size"]),
+                is_symmetric=bool(o["symmetric_weights"]),
+                accuracy_level=level if fmt == "matmulnbits" else None,
+                quant_format=QuantFormat.QOperator if fmt == "matmulnbits" else QuantFormat.QDQ,
+                op_types_to_quantize=tuple(self._op_types()),
+                bits=nbits_,
+            )
+            quantizer = nbits.MatMulNBitsQuantizer(
+                source, nodes_to_exclude=exclude, algo_config=config
+            )
+            quantizer.process()
+            return quantizer.model.model
+
+        result = quantize(model, bits, excluded + heads)
+        head_precision = "float"
+        if heads and fmt == "matmulnbits":
+            others = sorted(_node_names(result) - set(heads))
+            result = quantize(result, 8, others)
+            head_precision = "8-bit MatMulNBits"
+        if heads:
+            warnings.append(
+                f"kept {', '.join(heads)} (LM-head-like last projection) at {head_precision}; "
+                "keep_head=False quantizes it too"
+            )
+        weights = {t.name for t in model.graph.initializer}
+        embeddings = [
+            n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights
+        ]
+        details = {
+            "format": "MatMulNBits (com.microsoft)"
+            if fmt == "matmulnbits"
+            else "DequantizeLinear(int4) -> MatMul (opset 21)",
+            "weights": f"{bits}-bit {'symmetric' if o['symmetric_weights'] else 'asymmetric'}, "
+            f"blocks of {o['block_size']} along K",
+            "activations": (
+                f"float; quantized to int8 inside MatMulNBits (accuracy_level {level})"
+                if level == 4
+                else f"float (accuracy_level {level or 0})"
+            ),
+            "op_types": self._op_types(),
+            "head_nodes": heads,
+            "head_precision": head_precision if heads else None,
+            "embeddings_kept_float": embeddings,
+        }
+        return result, details
+
+    # ------------------------------------------------------------------ checks and figures
+
+    def _check_output(self, model: onnx.ModelProto) -> None:
+        """Refuse to hand on a model that is invalid, or that the target cannot run."""
+        from optimodel.modelio import check_model
+        from optimodel.runtime.sessions import create_session
+
+        check_model(model, "quantized model")
+        check_target(model, self.options["target"])
+        create_session(model, source="quantized model")  # CPU: the contrib ops resolve
+
+    def _stats(
+        self,
+        prepared: onnx.ModelProto,
+        result: onnx.ModelProto,
+        bytes_before: dict[str, int],
+        steps: list[str],
+        details: dict[str, Any],
+        warnings: list[str],
+        log: list[str],
+    ) -> dict[str, Any]:
+        o = self.options
+        figures = quantization_stats(result)
+        after = weight_bytes(result)
+        dynamic_convs = (
+            sum(1 for g in iter_graphs(result.graph) for n in g.node if n.op_type == "Conv")
+            if o["mode"] == "dynamic" and not o["op_types"]
+            else 0
+        )
+        if figures["quantized_total"] == 0:
+            left = figures["float_compute_nodes"]
+            warnings.append(
+                "nothing was quantized"
+                + (f": {left} weighted layer(s) stay in float" if left else "")
+                + (
+                    " (layers inside If/Loop bodies are out of reach)"
+                    if _has_subgraphs(result)
+                    else ""
+                )
+                + (" (Conv is left to --mode static on the CPU)" if dynamic_convs else "")
+            )
+        elif dynamic_convs:
+            warnings.append(
+                f"{dynamic_convs} Conv layer(s) left in float: ConvInteger runs slower than fp32 "
+                "on the CPU; use --mode static for CNNs (or --op Conv to force it)"
+            )
+        if after["all"] > bytes_before["all"]:
+            warnings.append(
+                f"layer weights grew from {bytes_before['all']:,} to {after['all']:,} bytes"
+            )
+        ratio = after["all"] / bytes_before["all"] if bytes_before["all"] else None
+        matmul_ratio = after["matmul"] / bytes_before["matmul"] if bytes_before["matmul"] else None
+        return {
+            "mode": o["mode"],
+            "target": o["target"],
+            **details,
+            "preprocessing": steps,
+            "excluded_nodes": list(self._excluded),
+            "excluded_op_types": list(o["exclude_ops"] or ()),
+            **figures,
+            "weight_bytes_before": bytes_before["all"],
+            "weight_bytes_after": after["all"],
+            "weight_bytes_ratio": round(ratio, 4) if ratio is not None else None,
+            "matmul_weight_bytes_before": bytes_before["matmul"],
+            "matmul_weight_bytes_after": after["matmul"],
+            "matmul_weight_bytes_ratio": round(matmul_ratio, 4) if matmul_ratio else None,
+            "warnings": warnings,
+            "onnxruntime_log": sorted(set(log))[:10],
+        }

@@ -1,0 +1,317 @@
+"""Data-aware recovery: re-fit the weights a pruned layer kept so its output matches the
+unpruned layer on calibration data (layer-wise least squares, as in OBC / SparseGPT and
+the channel-pruning reconstruction of He et al. 2017).
+
+For each layer, in graph order, the input activations are recorded in the *pruned* model
+(so drift from layers already changed is compensated) and the target is the *original*
+layer's output on the original activations. With X the pruned inputs (Conv through im2col,
+plus a ones column for the bias) and Y the targets, the kept weights solve
+(X^T X + damping) W = X^T Y, column by column on each column's surviving support, so
+zeros stay zeros. Only the statistics X^T X and X^T Y are kept, batch by batch, never the
+activations of the whole data. A re-fit that does not lower the layer's error is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from optimodel.graphs import attr, copy_model
+
+MAX_ROWS_PER_FEED = 4096  # im2col rows sampled per feed and layer (keeps X^T X cheap)
+DAMPING = 0.01  # fraction of the mean diagonal of X^T X added to it
+
+
+@dataclass
+class _Layer:
+    """A node seen as y = x @ M + b with M of shape [K, N]."""
+
+    node: onnx.NodeProto
+    weight: np.ndarray
+    bias: np.ndarray | None
+    bias_name: str | None
+
+    @property
+    def op(self) -> str:
+        return self.node.op_type
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _layer(model: onnx.ModelProto, output: str) -> _Layer | None:
+    inits = _initializers(model)
+    node = next((n for n in model.graph.node if output in n.output), None)
+    if node is None or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    if node.op_type == "Conv":
+        if attr(node, "group", 1) != 1 or len(inits[node.input[1]].dims) != 4:
+            return None
+        if attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return None
+    elif node.op_type == "Gemm":
+        if attr(node, "transA", 0):
+            return None
+    elif node.op_type != "MatMul" or len(inits[node.input[1]].dims) != 2:
+        return None
+    weight = numpy_helper.to_array(inits[node.input[1]])
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = None
+    if bias_name is not None:
+        if bias_name not in inits:
+            return None
+        bias = numpy_helper.to_array(inits[bias_name])
+    return _Layer(node, weight, bias, bias_name)
+
+
+def _add_bias(model: onnx.ModelProto, layer: _Layer) -> None:
+    """Give a Conv / Gemm a zero bias input so bias correction has somewhere to go."""
+    n = (
+        layer.weight.shape[0]
+        if layer.op == "Conv" or attr(layer.node, "transB", 0)
+        else (layer.weight.shape[1])
+    )
+    taken = {t.name for t in model.graph.initializer} | {
+        o for node in model.graph.node for o in node.output
+    }
+    name, k = f"{layer.node.input[1]}_bias", 1
+    while name in taken:
+        k += 1
+        name = f"{layer.node.input[1]}_bias{k}"
+    zeros = np.zeros(n, dtype=layer.weight.dtype)
+    model.graph.initializer.append(numpy_helper.from_array(zeros, name))
+    while len(layer.node.input) < 2:
+        layer.node.input.append("")
+    layer.node.input.append(name)
+    layer.bias, layer.bias_name = zeros, name
+
+
+def _matrix(layer: _Layer) -> tuple[np.ndarray, np.ndarray | None]:
+    """(M [K, N], bias [N] or None) in float64 so that y = x @ M + bias."""
+    w = layer.weight.astype(np.float64)
+    if layer.op == "Conv":
+        m = w.reshape(w.shape[0], -1).T
+    elif layer.op == "Gemm":
+        m = (w.T if attr(layer.node, "transB", 0) else w) * float(attr(layer.node, "alpha", 1.0))
+    else:
+        m = w
+    bias = None
+    if layer.bias is not None:
+        b = layer.bias.astype(np.float64)
+        if layer.op == "Gemm":
+            b = b * float(attr(layer.node, "beta", 1.0))
+        bias = (
+            np.broadcast_to(b.reshape(-1), (m.shape[1],)).copy()
+            if b.size in (1, m.shape[1])
+            else None
+        )
+    return m, bias
+
+
+def _unmatrix(layer: _Layer, m: np.ndarray) -> np.ndarray:
+    if layer.op == "Conv":
+        return m.T.reshape(layer.weight.shape).astype(layer.weight.dtype)
+    if layer.op == "Gemm":
+        m = m / float(attr(layer.node, "alpha", 1.0))
+        return (m.T if attr(layer.node, "transB", 0) else m).astype(layer.weight.dtype)
+    return m.astype(layer.weight.dtype)
+
+
+def im2col(x: np.ndarray, node: onnx.NodeProto, kernel: Sequence[int]) -> np.ndarray:
+    """[B, C, H, W] -> [B*Ho*Wo, C*kh*kw] patches in the order of a Conv weight's rows."""
+    kh, kw = kernel
+    sh, sw = attr(node, "strides", [1, 1])  # type: ignore[misc]
+    dh, dw = attr(node, "dilations", [1, 1])  # type: ignore[misc]
+    pt, pl, pb, pr = attr(node, "pads", [0, 0, 0, 0])  # type: ignore[misc]
+    x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    b, c, h, w = x.shape
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((b, ho, wo, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[
+                :,
+                :,
+                i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                j * dw : j * dw + sw * (wo - 1) + 1 : sw,
+            ]
+            cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)
+    return cols.reshape(b * ho * wo, c * kh * kw)
+
+
+def _rows(layer: _Layer, x: np.ndarray) -> np.ndarray:
+    if layer.op == "Conv":
+        return im2col(x, layer.node, layer.weight.shape[2:])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _upstream(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy holding only the nodes that `names` depend on, with `names` as its outputs,
+    so recording an early layer's input does not run the rest of the network.
+    """
+    needed: set[int] = set()
+    stack = list(names)
+    seen: set[str] = set()
+    position = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in position:
+            continue
+        seen.add(name)
+        i = position[name]
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(x for x in model.graph.node[i].input if x)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    kept = [n for i, n in enumerate(model.graph.node) if i in needed]
+    del probe.graph.node[:]
+    probe.graph.node.extend(kept)
+    used = {x for n in kept for x in n.input}
+    inits = [t for t in model.graph.initializer if t.name in used]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(inits)
+    del probe.graph.output[:]
+    for name in names:
+        probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    return probe
+
+
+def _record(
+    model: onnx.ModelProto, names: list[str], batches: Sequence[Any]
+) -> list[list[np.ndarray]]:
+    """Values of intermediate tensors `names` for every feed."""
+    import onnxruntime as ort
+
+    probe = _upstream(model, names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    wanted = {i.name for i in session.get_inputs()}
+    return [session.run(names, {k: v for k, v in b.feed.items() if k in wanted}) for b in batches]
+
+
+def _solve(
+    h: np.ndarray, g: np.ndarray, prior: np.ndarray, support: np.ndarray | None
+) -> np.ndarray:
+    """Least squares per column, damped toward the current weights (directions the data
+    never excites keep their values instead of collapsing to zero); rows outside a
+    column's support stay zero.
+    """
+    damp = DAMPING * float(np.mean(np.diag(h))) + 1e-12
+    reg = h + damp * np.eye(h.shape[0])
+    rhs = g + damp * prior
+    if support is None or support.all():
+        return np.linalg.solve(reg, rhs)
+    out = np.zeros_like(g)
+    for j in range(g.shape[1]):
+        keep = np.flatnonzero(support[:, j])
+        if keep.size:
+            out[keep, j] = np.linalg.solve(reg[np.ix_(keep, keep)], rhs[keep, j])
+    return out
+
+
+def _error(h: np.ndarray, g: np.ndarray, yy: float, w: np.ndarray) -> float:
+    """||X W - Y||^2 from the accumulated statistics."""
+    return float(np.sum(w * (h @ w)) - 2.0 * np.sum(w * g) + yy)
+
+
+def refit(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    batches: Sequence[Any],
+    *,
+    outputs: Sequence[str],
+    keep_zeros: bool,
+    out_keep: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Re-fit the layers producing `outputs` (in graph order) on the calibration feeds.
+
+    `keep_zeros` keeps every zero weight zero (unstructured / N:M); `out_keep` names the
+    original output channels a layer kept when its own outputs were pruned too.
+    """
+    out_keep = out_keep or {}
+    work = copy_model(pruned)
+    order = {o: i for i, n in enumerate(work.graph.node) for o in n.output}
+    rows_info: list[dict[str, Any]] = []
+    rng = np.random.default_rng(seed)
+    for output in sorted(set(outputs), key=lambda o: order.get(o, 0)):
+        before, after = _layer(original, output), _layer(work, output)
+        if before is None or after is None or before.op != after.op:
+            rows_info.append({"output": output, "refit": False, "reason": "unsupported layer"})
+            continue
+        if after.bias is None and after.op in ("Conv", "Gemm"):
+            _add_bias(work, after)  # bias correction needs a bias to correct
+        x_orig = _record(original, [before.node.input[0]], batches)
+        x_new = _record(work, [after.node.input[0]], batches)
+        m_orig, b_orig = _matrix(before)
+        m_new, b_new = _matrix(after)
+        use_bias = b_new is not None
+        k = m_new.shape[0] + (1 if use_bias else 0)
+        h = np.zeros((k, k))
+        g = np.zeros((k, m_new.shape[1]))
+        yy = 0.0
+        count = 0
+        for (xo,), (xn,) in zip(x_orig, x_new, strict=True):
+            ro = _rows(before, xo.astype(np.float64))
+            rn = _rows(after, xn.astype(np.float64))
+            if ro.shape[0] > MAX_ROWS_PER_FEED:
+                pick = rng.choice(ro.shape[0], MAX_ROWS_PER_FEED, replace=False)
+                ro, rn = ro[pick], rn[pick]
+            y = ro @ m_orig + (b_orig if b_orig is not None else 0.0)
+            if output in out_keep:
+                y = y[:, out_keep[output]]
+            if use_bias:
+                rn = np.hstack([rn, np.ones((rn.shape[0], 1))])
+            h += rn.T @ rn
+            g += rn.T @ y
+            yy += float(np.sum(y * y))
+            count += rn.shape[0]
+        current = np.vstack([m_new, b_new[None, :]]) if use_bias else m_new
+        support = None
+        if keep_zeros:
+            support = current != 0
+            if use_bias:
+                support[-1, :] = True
+        solved = _solve(h, g, current, support)
+        err_before, err_after = _error(h, g, yy, current), _error(h, g, yy, solved)
+        info = {
+            "output": output,
+            "node": after.node.name,
+            "rows": count,
+            "relative_error_before": err_before / yy if yy else 0.0,
+            "relative_error_after": err_after / yy if yy else 0.0,
+            "refit": err_after < err_before,
+        }
+        rows_info.append(info)
+        if err_after >= err_before:
+            continue
+        inits = _initializers(work)
+        weight = _unmatrix(after, solved[: m_new.shape[0]])
+        inits[after.node.input[1]].CopyFrom(numpy_helper.from_array(weight, after.node.input[1]))
+        if use_bias and after.bias_name is not None and after.bias is not None:
+            bias = solved[-1]
+            if after.op == "Gemm":
+                bias = bias / float(attr(after.node, "beta", 1.0))
+            bias = bias.reshape(after.bias.shape) if after.bias.size == bias.size else bias
+            inits[after.bias_name].CopyFrom(
+                numpy_helper.from_array(bias.astype(after.bias.dtype), after.bias_name)
+            )
+    summary = {
+        "method": "layer-wise damped least squares on calibration activations (+ bias)",
+        "feeds": len(batches),
+        "layers": rows_info,
+        "refit_layers": sum(1 for r in rows_info if r.get("refit")),
+    }
+    return work, summary

@@ -1,0 +1,623 @@
+"""quantize: every mode on the sample models, accuracy on trained digits, int4 size, targets, data.
+
+Real ONNX Runtime sessions throughout; fidelity figures are printed (`pytest -s`) so a
+run shows what each mode costs, and asserted against realistic floors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from optimodel.data import load_data, model_input_specs
+from optimodel.errors import OptimodelError, UsageError
+from optimodel.evaluate import evaluate
+from optimodel.passes import get_pass
+from optimodel.pipeline import run_passes
+from optimodel.quant.api import WARNING_PREFIX, quantize
+from optimodel.quant.calibration import DatasetReader, chunk_size
+from optimodel.quant.targets import check_target
+from tests.conftest import SAMPLES
+
+SHAPES = {"transformer_block": {"hidden_states": (1, 8, 64)}}
+DYNAMIC = ["mlp", "digits_cnn", "transformer_block", "foldable", "control_flow"]
+STATIC = ["mlp", "digits_cnn", "transformer_block", "foldable", "control_flow"]
+WEIGHT_ONLY = ["mlp", "transformer_block", "foldable", "control_flow"]
+# Layers ONNX Runtime's int8 quantizers cannot reach: MatMuls inside If / Loop bodies.
+NOTHING_TO_QUANTIZE = {("control_flow", "dynamic"), ("control_flow", "static")}
+
+
+def _ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feeds(model: onnx.ModelProto, name: str = "", n: int = 3) -> list:
+    shapes = SHAPES.get(name, {})
+    return list(load_data("random", model_input_specs(model), shapes=shapes, num_samples=n))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture
+def qcli(cli):
+    """`optimodel quantize ...`, through the main app once the command is registered there."""
+    from optimodel.cli.app import app
+
+    if any(c.name == "quantize" for c in app.registered_commands):
+        return cli
+    import typer
+    from typer.testing import CliRunner
+
+    from optimodel.cli import quantize_cmd
+    from tests.conftest import CliResult
+
+    local = typer.Typer(pretty_exceptions_enable=False)
+
+    @local.callback()
+    def _root() -> None:
+        """Stand-in for the root callback."""
+
+    local.command("quantize")(quantize_cmd.quantize)
+    runner = CliRunner()
+
+    def run(*args: str) -> CliResult:
+        result = runner.invoke(local, [str(a) for a in args])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+def _mode_cases() -> list[tuple[str, str]]:
+    return (
+        [(m, "dynamic") for m in DYNAMIC]
+        + [(m, "static") for m in STATIC]
+        + [(m, "weight-only") for m in WEIGHT_ONLY]
+    )
+
+
+@pytest.mark.parametrize(("name", "mode"), _mode_cases(), ids=lambda v: v)
+def test_every_sample_model_quantizes_in_each_mode_that_applies(name, mode):
+    model = onnx.load(str(SAMPLES / f"{name}.onnx"))
+    options = {"mode": mode}
+    if mode == "static":
+        options.update(calib_data="random", calib_samples=16, shapes=SHAPES.get(name))
+    feeds = _feeds(model, name)
+    out, records = run_passes(model, [get_pass("quantize", **options)], batches=feeds)
+    record = records[0]
+    assert record.status == "ok", record.reason
+    onnx.checker.check_model(out)
+    session = _session(out)
+    for batch in feeds:
+        session.run(None, batch.feed)
+    cosine = min(o["cosine"] for o in record.verification["outputs"])
+    stats = record.stats
+    print(
+        f"\n{name} {mode}: cosine {cosine:.5f}, {stats['quantized_ops']}, "
+        f"{stats['float_compute_nodes']} float layers, {stats['qdq_pairs']} Q/DQ pairs, "
+        f"weights {stats['weight_bytes_before']} -> {stats['weight_bytes_after']} bytes"
+    )
+    assert cosine >= 0.98
+    if (name, mode) in NOTHING_TO_QUANTIZE:
+        assert stats["quantized_total"] == 0
+        assert any("nothing was quantized" in w for w in stats["warnings"])
+    else:
+        assert stats["quantized_total"] > 0
+        assert stats["weight_bytes_after"] < stats["weight_bytes_before"]
+
+
+def test_dynamic_cpu_leaves_conv_to_static_and_says_so():
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass("quantize", mode="dynamic").run(model)
+    ops = _ops(result.model)
+    assert ops["ConvInteger"] == 0 and ops["MatMulInteger"] == 1  # the Gemm head
+    assert any("Conv layer(s) left in float" in w for w in result.stats["warnings"])
+    forced = get_pass("quantize", mode="dynamic", op_types=["Conv", "MatMul"]).run(model)
+    assert _ops(forced.model)["ConvInteger"] == 4
+
+
+def _split_digits(tmp_path: Path, calib: int = 100) -> tuple[Path, Path]:
+    with np.load(SAMPLES / "digits_test.npz") as data:
+        x, y = data["input"], data["labels"]
+    np.savez(tmp_path / "calib.npz", input=x[:calib], labels=y[:calib])
+    np.savez(tmp_path / "eval.npz", input=x[calib:], labels=y[calib:])
+    return tmp_path / "calib.npz", tmp_path / "eval.npz"
+
+
+def test_static_digits_cnn_keeps_accuracy_on_held_out_images(tmp_path):
+    """Calibrate on the first 100 test images, measure on the other 350 (never seen)."""
+    calib, held_out = _split_digits(tmp_path)
+    out = tmp_path / "digits.int8.onnx"
+    report = quantize(
+        SAMPLES / "digits_cnn.onnx",
+        out,
+        mode="static",
+        calib_data=str(calib),
+        calib_samples=100,
+        data=str(held_out),
+        samples=32,
+    )
+    stats = report.passes[0]["stats"]
+    assert stats["quantized_ops"] == {"QDQ Conv": 4, "QDQ Gemm": 1}
+    assert stats["float_compute_nodes"] == 0
+    assert stats["calibration"]["samples"] == 100
+    dataset = load_data(held_out, model_input_specs(onnx.load(str(out))))
+    result = evaluate(str(out), dataset, reference=str(SAMPLES / "digits_cnn.onnx"))
+    print(
+        f"\ndigits static int8: top-1 {result.model['top1']:.2f}% vs float "
+        f"{result.reference['top1']:.2f}% on {result.model['samples']} held-out images "
+        f"(drop {result.drop:.2f} points), top-1 agreement "
+        f"{result.fidelity.outputs[0].top1_agreement:.4f}, size "
+        f"{report.input_model['bytes']} -> {report.output_model['bytes']} bytes"
+    )
+    assert result.model["samples"] == 350
+    assert result.drop <= 0.5
+
+
+def test_weight_only_int4_transformer_block_size_and_fidelity():
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    result = get_pass("quantize", mode="weight-only").run(model)
+    stats = result.stats
+    assert _ops(result.model)["MatMulNBits"] == 6  # 2 MatMuls of activations stay as they are
+    assert stats["quantized_ops"] == {"MatMulNBits (4-bit)": 6}
+    ratio = stats["matmul_weight_bytes_ratio"]
+    x = np.random.default_rng(0).standard_normal((4, 16, 64)).astype(np.float32)
+    ref = _session(model).run(None, {"hidden_states": x})[0]
+    got = _session(result.model).run(None, {"hidden_states": x})[0]
+    cosine = _cosine(ref, got)
+    print(f"\ntransformer_block int4: MatMul weights {ratio:.4f}x of fp32, cosine {cosine:.5f}")
+    assert ratio <= 0.16
+    assert cosine >= 0.99
+
+
+def test_weight_only_int4_qdq_format_is_standard_onnx():
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    result = get_pass("quantize", mode="weight-only", int4_format="qdq").run(model)
+    out = result.model
+    assert {o.domain for o in out.opset_import} == {""}
+    assert next(o.version for o in out.opset_import if o.domain == "") == 21
+    ints = {t.name: t for t in out.graph.initializer}
+    dq_weights = [ints[n.input[0]] for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq_weights) == 6
+    assert {t.data_type for t in dq_weights} == {onnx.TensorProto.INT4}
+    assert result.stats["matmul_weight_bytes_ratio"] <= 0.16
+    assert any("opset 17 -> 21" in s for s in result.stats["preprocessing"])
+    x = np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32)
+    ref = _session(model).run(None, {"hidden_states": x})[0]
+    assert _cosine(ref, _session(out).run(None, {"hidden_states": x})[0]) >= 0.99
+
+
+def _tiny_lm() -> onnx.ModelProto:
+    """Embedding -> hidden projection -> widening vocabulary head, like a language model."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((96, 32)).astype(np.float32), "embed"),
+        numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w_hidden"),
+        numpy_helper.from_array(rng.standard_normal((32, 96)).astype(np.float32), "w_head"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["e"], name="embedding"),
+        helper.make_node("MatMul", ["e", "w_hidden"], ["h"], name="hidden"),
+        helper.make_node("Relu", ["h"], ["r"], name="act"),
+        helper.make_node("MatMul", ["r", "w_head"], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lm",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "T", 96])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_weight_only_keeps_embedding_float_and_lm_head_at_8_bits():
+    model = _tiny_lm()
+    result = get_pass("quantize", mode="weight-only").run(model)
+    by_name = {n.name: n for n in result.model.graph.node}
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in result.model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    assert bits == {"hidden_Q4": 4, "lm_head_Q8": 8}  # onnxruntime names them by bits
+    assert by_name["embedding"].op_type == "Gather"
+    assert result.stats["head_nodes"] == ["lm_head"]
+    assert result.stats["embeddings_kept_float"] == ["embedding"]
+    everything = get_pass("quantize", mode="weight-only", keep_head=False).run(model)
+    assert everything.stats["quantized_ops"] == {"MatMulNBits (4-bit)": 2}
+    qdq = get_pass("quantize", mode="weight-only", int4_format="qdq").run(model)
+    assert [n.op_type for n in qdq.model.graph.node if n.name == "lm_head"] == ["MatMul"]
+    ids = np.array([[1, 5, 9, 95]], dtype=np.int64)
+    ref = _session(model).run(None, {"ids": ids})[0]
+    for out in (result.model, qdq.model):
+        assert _cosine(ref, _session(out).run(None, {"ids": ids})[0]) >= 0.98
+
+
+def test_dynamic_mode_for_cuda_is_refused_with_a_clear_error(qcli, tmp_path):
+    with pytest.raises(UsageError, match="cuda provider cannot run; use --mode static"):
+        get_pass("quantize", mode="dynamic", target="cuda")
+    out = tmp_path / "m.onnx"
+    result = qcli("quantize", SAMPLES / "mlp.onnx", "-o", out, "--target", "cuda")
+    assert result.exit_code == 2
+    assert "--mode static" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_tensorrt_static_is_symmetric_int8_per_channel_qdq():
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass(
+        "quantize", mode="static", target="tensorrt", calib_data="random", calib_samples=16
+    ).run(model)
+    out = result.model
+    ints = {t.name: t for t in out.graph.initializer}
+    qdq = [n for n in out.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and {n.domain for n in qdq} == {""}
+    zero_points = [ints[n.input[2]] for n in qdq if len(n.input) > 2]
+    assert zero_points and {z.data_type for z in zero_points} == {onnx.TensorProto.INT8}
+    assert all(not numpy_helper.to_array(z).any() for z in zero_points)
+    weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in ints]
+    assert {ints[n.input[0]].data_type for n in weight_dq} == {onnx.TensorProto.INT8}  # no bias
+    conv_scales = [ints[n.input[1]] for n in weight_dq if len(ints[n.input[0]].dims) == 4]
+    assert all(s.dims and s.dims[0] > 1 for s in conv_scales)  # per output channel
+    assert not any(op.startswith(("QLinear", "ConvInteger")) for op in _ops(out))
+    check_target(out, "tensorrt")
+    assert result.stats["activations"] == "int8 symmetric"
+
+
+def _with_op(op: str, domain: str = "") -> onnx.ModelProto:
+    node = helper.make_node(op, ["x"], ["y"], domain=domain)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    return helper.make_model(graph)
+
+
+@pytest.mark.parametrize(
+    ("op", "domain", "target"),
+    [
+        ("ConvInteger", "", "cuda"),
+        ("MatMulInteger", "", "tensorrt"),
+        ("QLinearConv", "", "cuda"),
+        ("QLinearAdd", "com.microsoft", "tensorrt"),
+        ("MatMulNBits", "com.microsoft", "tensorrt"),
+        ("DynamicQuantizeMatMul", "com.microsoft", "cuda"),
+    ],
+)
+def test_target_check_names_ops_the_provider_cannot_run(op, domain, target):
+    with pytest.raises(OptimodelError, match=f"{op}.*{target} provider"):
+        check_target(_with_op(op, domain), target)
+    check_target(_with_op(op, domain), "cpu")
+
+
+def test_tensorrt_check_refuses_uint8_qdq():
+    model = onnx.load(str(SAMPLES / "mlp.onnx"))
+    cpu = get_pass("quantize", mode="static", calib_data="random", calib_samples=8).run(model)
+    with pytest.raises(OptimodelError, match="TensorRT takes symmetric int8"):
+        check_target(cpu.model, "tensorrt")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "static", "target": "cuda", "format": "qoperator"}, "use --format qdq"),
+        ({"mode": "weight-only", "target": "tensorrt", "int4_format": "matmulnbits"}, "qdq"),
+        ({"mode": "dynamic", "bits": 4}, "--bits applies to --mode weight-only"),
+        ({"mode": "weight-only", "block_size": 24}, "power of two"),
+        ({"mode": "weight-only", "int4_format": "qdq", "bits": 8}, "--bits 4 only"),
+        ({"mode": "static"}, "needs --calib-data"),
+        ({"mode": "fast"}, "choose from dynamic, static, weight-only"),
+    ],
+)
+def test_bad_option_combinations_are_usage_errors(options, message):
+    options = {"calib_data": "random", **options} if options.get("format") else options
+    with pytest.raises(UsageError, match=message):
+        get_pass("quantize", **options)
+
+
+def _digits_cli(qcli, tmp_path: Path, calib: Path | str) -> object:
+    return qcli(
+        "quantize",
+        SAMPLES / "digits_cnn.onnx",
+        "-o",
+        tmp_path / "out.onnx",
+        "--mode",
+        "static",
+        "--calib-data",
+        calib,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("names", "missing input(s) input; unknown key(s) image"),
+        ("shape", "axis 2 is 9, not 8"),
+        ("dtype", "is int64 but the model expects float32"),
+        ("empty_file", "not a readable .npz"),
+        ("zero_samples", "holds zero samples"),
+        ("missing", "no such data file or folder"),
+        ("empty_folder", "folder holds no .npz files"),
+        ("bad_first_file", "missing input(s) input"),
+    ],
+)
+def test_bad_calibration_data_is_one_clear_error_line(qcli, tmp_path, case, message):
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    path = tmp_path / "calib.npz"
+    if case == "names":
+        np.savez(path, image=x)
+    elif case == "shape":
+        np.savez(path, input=np.zeros((4, 1, 9, 9), np.float32))
+    elif case == "dtype":
+        np.savez(path, input=np.zeros((4, 1, 8, 8), np.int64))
+    elif case == "empty_file":
+        path.write_bytes(b"")
+    elif case == "zero_samples":
+        np.savez(path, input=np.zeros((0, 1, 8, 8), np.float32))
+    elif case == "missing":
+        path = tmp_path / "nope.npz"
+    else:
+        path = tmp_path / "feeds"
+        path.mkdir()
+        if case == "bad_first_file":
+            np.savez(path / "000.npz", pixels=x[:1])
+    result = _digits_cli(qcli, tmp_path, path)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_folder_of_one_feed_files_calibrates(tmp_path):
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    with np.load(SAMPLES / "digits_test.npz") as data:
+        for i in range(12):
+            np.savez(folder / f"{i:03d}.npz", input=data["input"][i : i + 1])
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass("quantize", mode="static", calib_data=str(folder)).run(model)
+    assert result.stats["calibration"]["samples"] == 12
+    assert result.stats["calibration"]["chunk"] == 12
+    assert result.stats["quantized_ops"]["QDQ Conv"] == 4
+
+
+def test_random_calibration_warns(qcli, tmp_path):
+    result = _digits_cli(qcli, tmp_path, "random")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stdout and "calibrating on random data" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_runs_in_chunks(method):
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass(
+        "quantize", mode="static", calib_data="random", calib_samples=20, calib_method=method
+    ).run(model)
+    calibration = result.stats["calibration"]
+    assert calibration["method"] == method
+    assert calibration["samples"] == 20 and calibration["chunk"] == 10
+    assert 0 < calibration["activation_mb_per_sample"] < 1
+    assert result.stats["quantized_total"] == 5
+
+
+def test_calibration_chunk_shrinks_to_the_memory_budget(monkeypatch):
+    from optimodel.quant import calibration
+
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    feed = next(iter(load_data("random", model_input_specs(model)))).feed
+    per_sample = calibration.activation_bytes(model, feed)
+    assert per_sample and per_sample > 8 * 8 * 4  # more than the input alone
+    monkeypatch.setattr(calibration, "CALIB_MEMORY_BUDGET", 3 * per_sample)
+    result = get_pass("quantize", mode="static", calib_data="random", calib_samples=12).run(model)
+    assert result.stats["calibration"]["chunk"] in (3, 4)  # the folded model is a bit smaller
+
+
+def test_reader_serves_sequential_ranges_in_one_pass():
+    model = onnx.load(str(SAMPLES / "mlp.onnx"))
+    dataset = load_data("random", model_input_specs(model), num_samples=6)
+    reader = DatasetReader(dataset, 6)
+    seen = []
+    for start in range(0, 6, 3):
+        reader.set_range(start, start + 3)
+        seen.append([feed["features"] for feed in iter(reader.get_next, None)])
+    assert [len(chunk) for chunk in seen] == [3, 3]
+    expected = [b.feed["features"] for b in dataset]
+    for got, want in zip(seen[0] + seen[1], expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert chunk_size(100) == 10 and chunk_size(450) == 15 and chunk_size(7) == 7
+
+
+def _constant_weight_cnn(opset: int = 12) -> onnx.ModelProto:
+    """Conv weights in Constant nodes followed by BatchNorm, as PaddlePaddle exports them."""
+    rng = np.random.default_rng(0)
+
+    def const(name: str, array: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32), name)
+        )
+
+    nodes = [
+        const("w", rng.standard_normal((8, 3, 3, 3))),
+        const("gamma", rng.random(8) + 0.5),
+        const("beta", rng.standard_normal(8)),
+        const("mean", rng.standard_normal(8) * 0.1),
+        const("var", rng.random(8) + 0.5),
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"
+        ),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("Squeeze", ["r"], ["y"], name="squeeze", axes=[0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle_like",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 16, 16])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_constant_node_weights_quantize_and_per_channel_qdq_upgrades_the_opset():
+    model = _constant_weight_cnn(opset=12)
+    feeds = _feeds(model)
+    dyn, records = run_passes(
+        model, [get_pass("quantize", mode="dynamic", op_types=["Conv"])], batches=feeds
+    )
+    assert records[0].status == "ok" and _ops(dyn)["ConvInteger"] == 1
+    static, records = run_passes(
+        model,
+        [get_pass("quantize", mode="static", per_channel=True, calib_data="random")],
+        batches=feeds,
+    )
+    assert records[0].status == "ok", records[0].reason
+    assert next(o.version for o in static.opset_import if o.domain == "") == 13
+    assert _ops(static)["BatchNormalization"] == 0 and _ops(static)["Constant"] == 0
+    assert records[0].stats["quantized_ops"] == {"QDQ Conv": 1}
+    assert any("opset 12 -> 13" in s for s in records[0].stats["preprocessing"])
+
+
+def test_failed_opset_conversion_is_a_clear_error(monkeypatch):
+    def broken(model, version):
+        raise RuntimeError("No Adapter For Squeeze\nC++ stack ...")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", broken)
+    quantizer = get_pass("quantize", mode="static", per_channel=True, calib_data="random")
+    with pytest.raises(OptimodelError, match="needs opset 13.*No Adapter For Squeeze"):
+        quantizer.run(_constant_weight_cnn(opset=12))
+
+
+def test_static_defaults_to_per_channel_and_leaves_residual_adds_alone():
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass("quantize", mode="static", calib_data="random", calib_samples=8).run(model)
+    assert result.stats["weights"] == "int8 per-channel"
+    assert "Add" not in result.stats["op_types"]  # the residual Add computes in float
+    tensor = get_pass(
+        "quantize", mode="static", calib_data="random", calib_samples=8, per_channel=False
+    ).run(model)
+    assert tensor.stats["weights"] == "int8 per-tensor"
+
+
+def test_default_per_channel_falls_back_to_per_tensor_when_the_opset_cannot_move(monkeypatch):
+    def broken(model, version):
+        raise RuntimeError("No Adapter For Squeeze")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", broken)
+    quantizer = get_pass("quantize", mode="static", calib_data="random", calib_samples=4)
+    result = quantizer.run(_constant_weight_cnn(opset=12))
+    assert result.stats["weights"] == "int8 per-tensor"
+    assert any("quantized per-tensor instead" in w for w in result.stats["warnings"])
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 12
+
+
+def test_accuracy_loss_beyond_the_tolerance_writes_nothing_and_says_what_to_try(qcli, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", features=rng.random((16, 32), dtype=np.float32) * 1e-3)
+    np.savez(tmp_path / "real.npz", features=rng.standard_normal((8, 32)).astype(np.float32) * 50)
+    out = tmp_path / "q.onnx"
+    result = qcli(
+        "quantize", SAMPLES / "mlp.onnx", "-o", out, "--mode", "static",
+        "--calib-data", tmp_path / "calib.npz", "--data", tmp_path / "real.npz",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "changed the model's outputs" in result.stderr and "--calib-method" in result.stderr
+    assert not out.exists()
+
+
+def test_exclusions_keep_layers_in_float():
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    one = get_pass("quantize", mode="dynamic", exclude_nodes=["attn_q_matmul"]).run(model)
+    assert one.stats["quantized_ops"] == {"MatMulInteger": 5}
+    assert one.stats["float_compute_names"] == ["attn_q_matmul"]
+    assert [n.op_type for n in one.model.graph.node if n.name == "attn_q_matmul"] == ["MatMul"]
+    none = get_pass("quantize", mode="dynamic", exclude_ops=["MatMul"]).run(model)
+    assert none.stats["quantized_total"] == 0 and none.stats["float_compute_nodes"] == 6
+    with pytest.raises(
+        UsageError, match="no such node after folding and fusion.*layers that can be excluded"
+    ):
+        get_pass("quantize", mode="dynamic", exclude_nodes=["nope"]).run(model)
+
+
+def test_exclusion_by_input_model_name_survives_fusion():
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass(
+        "quantize", mode="static", calib_data="random", calib_samples=8, exclude_nodes=["stem_conv"]
+    ).run(model)
+    (kept,) = result.stats["excluded_nodes"]
+    assert kept == "stem_conv" or kept.startswith("stem_conv_")  # Conv+BN may rename it
+    assert result.stats["float_compute_names"] == [kept]
+    assert result.stats["quantized_ops"]["QDQ Conv"] == 3
+
+
+def test_cli_writes_only_the_output_and_reports_json(qcli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = SAMPLES / "transformer_block.onnx"
+    result = qcli(
+        "quantize", src, "-o", "q.onnx", "--mode", "static", "--calib-data", "random",
+        "--calib-method", "entropy", "--shape", "hidden_states=1x8x64", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    stats = data["passes"][0]["stats"]
+    assert stats["quantized_ops"] == {"QDQ MatMul": 8}
+    assert data["verification"]["ok"] and data["verification"]["tolerance"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+    props = {p.key: p.value for p in onnx.load("q.onnx").metadata_props}
+    assert props["optimodel.passes"] == "quantize"
+
+
+def test_larger_output_is_flagged(qcli, tmp_path, tiny_model):
+    src = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model, src)
+    result = qcli(
+        "quantize", src, "-o", tmp_path / "q.onnx", "--mode", "static", "--calib-data", "random"
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: the quantized model is larger than the input" in result.stdout
+
+
+def test_the_pass_prints_nothing_and_leaves_logging_alone(capfd):
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    get_pass("quantize", mode="static", calib_data="random", calib_method="entropy").run(model)
+    get_pass("quantize", mode="weight-only").run(onnx.load(str(SAMPLES / "mlp.onnx")))
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (list(root.handlers), root.level) == before
+
+
+def test_quantize_api_reports_warnings_in_messages(tmp_path):
+    report = quantize(SAMPLES / "digits_cnn.onnx", tmp_path / "d.onnx", mode="dynamic")
+    warnings = [m for m in report.messages if m.startswith(WARNING_PREFIX)]
+    assert any("Conv layer(s) left in float" in w for w in warnings)
+    assert report.passes[0]["stats"]["quantized_ops"] == {"MatMulInteger": 1}
+
+
+def test_tiny_model_quantizes_dynamically(tiny_model):
+    out = get_pass("quantize", mode="dynamic").run(tiny_model).model
+    x = np.eye(4, dtype=np.float32)
+    ref = _session(tiny_model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], ref, atol=0.05)
