@@ -22,6 +22,8 @@ from optimodel.report import Report
 from optimodel.runtime.sessions import SessionConfig
 from optimodel.transform import transform_file
 
+SLOWER_THAN = 1.05  # latency ratio above which the report warns (noise is about +-5%)
+
 
 def stage_rows(report: Report) -> list[dict[str, Any]]:
     """One row per stage: input, every pass, output (nodes, bytes, verification)."""
@@ -73,6 +75,7 @@ def optimize_file(
 ) -> Report:
     """Run the recipe with verification, then bench and eval before/after."""
     data = data or recipe.verify.get("data") or recipe.eval.get("data")
+    recipe.bind_data(data)
     report = transform_file(
         model,
         output,
@@ -105,6 +108,13 @@ def optimize_file(
                 if not result.gate["passed"]:
                     report.status = "gate_failed"
     report.stages = stage_rows(report)
+    if len(report.latency) == 2:
+        ratio = report.latency[1].get("latency_ratio")
+        if ratio is not None and ratio > SLOWER_THAN:
+            report.messages.append(
+                f"the optimized model is SLOWER than the input here (p50 x{ratio:.2f} at "
+                f"{report.latency[1].get('threads')} thread(s)); consider a recipe without it"
+            )
     return report.finish()
 
 

@@ -88,6 +88,27 @@ class Recipe:
             for step in steps:
                 step.options[option.replace("-", "_")] = value
 
+    def bind_data(self, data: str | None) -> None:
+        """`optimize --data` calibrates quantization and scores pruning's accuracy budget,
+        unless the recipe names its own data."""
+        if not data:
+            return
+        for step in self.steps:
+            static = step.options.get("mode") == "static"
+            if (
+                step.name == "quantize"
+                and static
+                and step.options.get("calib_data")
+                in (
+                    None,
+                    "random",
+                )
+            ):
+                step.options["calib_data"] = data
+            if step.name == "prune" and step.options.get("accuracy_budget") is not None:
+                if not step.options.get("eval_data"):
+                    step.options["eval_data"] = data
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -137,8 +158,9 @@ def _plain(node: yaml.Node, source: str) -> Any:
         loader.dispose()
 
 
-def load_recipe(config: str) -> Recipe:
-    """Read and validate a recipe (name of a shipped one, or a path)."""
+def load_recipe(config: str, data: str | None = None) -> Recipe:
+    """Read and validate a recipe (name of a shipped one, or a path); `data` as for
+    `bind_data`, since some passes need data to be valid at all."""
     path = resolve(config)
     source = str(path)
     try:
@@ -174,6 +196,7 @@ def load_recipe(config: str) -> Recipe:
             recipe.__dict__[key] = str(_plain(value_node, source))
     if not seen_passes or not recipe.steps:
         raise RecipeError(f"{source}: the recipe has no 'passes'")
+    recipe.bind_data(data)
     recipe.build()  # options checked now, before any model is read
     return recipe
 

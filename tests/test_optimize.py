@@ -27,19 +27,77 @@ class _Collect(HTMLParser):
                 self.urls.append(value)
 
 
+# shipped recipe -> (sample model it is meant for, data)
+RECIPE_SAMPLES = {
+    "default": ("digits_cnn.onnx", DIGITS_DATA),
+    "cnn-int8": ("digits_cnn.onnx", DIGITS_DATA),
+    "prune-channel-int8": ("digits_cnn.onnx", DIGITS_DATA),
+    "transformer-int8": ("transformer_block.onnx", None),
+    "int4-weight-only": ("transformer_block.onnx", None),
+    "fp16-gpu": ("transformer_block.onnx", None),
+}
+
+
 def test_shipped_recipes_validate():
     names = recipe_names()
-    assert "default" in names
+    assert set(RECIPE_SAMPLES) <= set(names)
     for name in names:
-        recipe = load_recipe(name)
+        recipe = load_recipe(name, data=str(DIGITS_DATA))
         assert recipe.steps and recipe.build()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_SAMPLES))
+def test_every_shipped_recipe_runs_on_its_sample(cli, tmp_path, name):
+    model, data = RECIPE_SAMPLES[name]
+    report = tmp_path / "r.json"
+    args = [
+        "optimize",
+        SAMPLES / model,
+        "-o",
+        tmp_path / "o.onnx",
+        "-c",
+        name,
+        "--runs",
+        "5",
+        "--quiet",
+        "--report",
+        report,
+    ]
+    if data:
+        args += ["--data", data, "--max-drop", "1"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(report.read_text())
+    assert out["status"] == "ok" and out["verification"]["ok"]
+    assert [s["stage"] for s in out["stages"]] == [
+        "input",
+        *[p["name"] for p in out["recipe"]["passes"]],
+        "output",
+    ]
+    assert all(s.get("status", "ok") == "ok" for s in out["stages"])
+    if data:
+        assert out["accuracy"]["drop"] <= 1.0
 
 
 def test_default_recipe_on_digits_with_gate_and_reports(cli, tmp_path):
     out = tmp_path / "digits.opt.onnx"
     html_path, json_path = tmp_path / "r.html", tmp_path / "r.json"
-    result = cli("optimize", DIGITS, "-o", out, "--data", DIGITS_DATA, "--max-drop", "0.5",
-                 "--runs", "20", "--report", html_path, "--report", json_path)
+    result = cli(
+        "optimize",
+        DIGITS,
+        "-o",
+        out,
+        "--data",
+        DIGITS_DATA,
+        "--max-drop",
+        "0.5",
+        "--runs",
+        "20",
+        "--report",
+        html_path,
+        "--report",
+        json_path,
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(json_path.read_text())
     assert [s["stage"] for s in data["stages"]][0] == "input"
@@ -59,8 +117,17 @@ def test_default_recipe_on_digits_with_gate_and_reports(cli, tmp_path):
 def test_set_overrides_recipe_option(cli, tmp_path):
     out = tmp_path / "o.onnx"
     report = tmp_path / "r.json"
-    result = cli("optimize", SAMPLES / "foldable.onnx", "-o", out, "--no-bench",
-                 "--set", "fold.max_constant_bytes=0", "--report", report)
+    result = cli(
+        "optimize",
+        SAMPLES / "foldable.onnx",
+        "-o",
+        out,
+        "--no-bench",
+        "--set",
+        "fold.max_constant_bytes=0",
+        "--report",
+        report,
+    )
     assert result.exit_code == 0, result.output
     recipe = json.loads(report.read_text())["recipe"]
     assert recipe["passes"][0]["options"] == {"max_constant_bytes": 0}

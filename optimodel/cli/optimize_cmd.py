@@ -113,7 +113,7 @@ def optimize(
 
     reports = check_report_paths(report)
     gate = parse_max_drop(max_drop) if max_drop is not None else None
-    recipe = load_recipe(config)
+    recipe = load_recipe(config, data=data)
     recipe.override(set_option)
     recipe.build()
     run = optimize_file(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import TensorProto
 
 from optimodel.errors import OptimodelError, UsageError
 from optimodel.graphs import copy_model
@@ -413,7 +414,9 @@ class QuantizePass(Pass):
             weight_type=QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8,
             nodes_to_exclude=list(self._excluded),
             use_external_data_format=big,
-            extra_options={"MatMulConstBOnly": True},
+            # contrib ops from fusion (Attention, SkipLayerNorm) carry no inferred output
+            # type; they are float, and the quantizer needs to be told so
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
         )
         details = {
             "format": "integer ops (DynamicQuantizeLinear + MatMulInteger / ConvInteger)",
@@ -457,6 +460,7 @@ class QuantizePass(Pass):
             "CalibStridedMinMax": calibration.chunk,
             "ActivationSymmetric": symmetric,
             "WeightSymmetric": o["weight_type"] == "int8",
+            "DefaultTensorType": TensorProto.FLOAT,  # untyped contrib-op outputs are float
         }
         if target == "tensorrt":
             extra["QuantizeBias"] = False  # TensorRT dequantizes int8 only, never int32 bias
