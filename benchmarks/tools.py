@@ -93,12 +93,38 @@ def optimodel_fold_fuse_verified_tool(src: Path, out_dir: Path, feeds: list[Feed
     )
 
 
+def _feeds_folder(out_dir: Path, feeds: list[Feed]) -> Path:
+    """Calibration feeds as a folder of one-feed .npz files (optimodel's --calib-data)."""
+    folder = out_dir / "calib"
+    folder.mkdir(exist_ok=True)
+    for i, feed in enumerate(feeds):
+        np.savez(folder / f"feed_{i:03d}.npz", **feed)
+    return folder
+
+
+@preload(*_OPTIMODEL_IMPORTS, "onnxruntime.quantization")
+def optimodel_quant_dynamic_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel quantize --mode dynamic` (fold + fuse pre-processing, CPU op set)."""
+    return _optimodel_passes(src, out_dir, feeds, [("quantize", {"mode": "dynamic"})])
+
+
+@preload(*_OPTIMODEL_IMPORTS, "onnxruntime.quantization")
+def optimodel_quant_static_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel quantize --mode static --calib-data FEEDS` (U8S8 QDQ, per-channel)."""
+    calib = _feeds_folder(out_dir, feeds)
+    return _optimodel_passes(
+        src, out_dir, feeds, [("quantize", {"mode": "static", "calib_data": str(calib)})]
+    )
+
+
 OPTIMODEL_TOOLS: dict[str, ToolFn] = {
     "optimodel-inspect": optimodel_inspect_tool,
     "optimodel-fold": optimodel_fold_tool,
     "optimodel-fuse": optimodel_fold_fuse_tool,
     "optimodel-fuse-portable": optimodel_fold_fuse_portable_tool,
     "optimodel-fuse-verified": optimodel_fold_fuse_verified_tool,
+    "optimodel-quant-dynamic": optimodel_quant_dynamic_tool,
+    "optimodel-quant-static": optimodel_quant_static_tool,
 }
 
 TOOLS: dict[str, ToolFn] = {"copy": copy_tool, **PEERS, **OPTIMODEL_TOOLS}
