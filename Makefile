@@ -47,6 +47,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/scaling.py --results benchmarks/RESULTS.md
 
 $(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt

@@ -69,6 +69,27 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
                     out.name = new
 
 
+def rename_all_uses(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """`rename_uses` for many names in one sweep; chains (a->b, b->c) resolve to the end."""
+
+    def final(name: str) -> str:
+        seen = set()
+        while name in renames and name not in seen:
+            seen.add(name)
+            name = renames[name]
+        return name
+
+    for inner in iter_graphs(graph):
+        for node in inner.node:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = final(name)
+        if inner is not graph:
+            for out in inner.output:
+                if out.name in renames:
+                    out.name = final(out.name)
+
+
 def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     for a in node.attribute:
         if a.name == name:

@@ -27,7 +27,7 @@ from optimodel.graphs import (
     copy_model,
     elem_type,
     has_subgraph,
-    rename_uses,
+    rename_all_uses,
     static_shape,
     subgraph_references,
     value_types,
@@ -216,8 +216,10 @@ def _fold_constants(
         tensor = constants.get(name)
         return len(tensor.raw_data) if tensor is not None else 0
 
+    folded_ids = {id(f) for f in folded}
+    graph_outputs = {o.name for o in graph.output}
     while True:
-        live = [n for n in graph.node if id(n) not in {id(f) for f in folded} or id(n) in kept]
+        live = [n for n in graph.node if id(n) not in folded_ids or id(n) in kept]
         needed = {i for n in live for i in n.input} | outer
         changed = False
         for name in sorted(needed & values.keys()):
@@ -225,7 +227,7 @@ def _fold_constants(
             if id(node) in kept:
                 continue
             growth = nbytes(name) - sum(nbytes(i) for i in node.input if i)
-            if name in {o.name for o in graph.output} or (nbytes(name) > max_bytes and growth > 0):
+            if name in graph_outputs or (nbytes(name) > max_bytes and growth > 0):
                 kept.add(id(node))
                 changed = True
                 if growth > 0 and nbytes(name) > max_bytes:
@@ -331,20 +333,21 @@ def _eliminate_noops(
     constants = _constants(graph)
     uses = consumers(graph)
     graph_outputs = {o.name for o in graph.output}
-    kept, changed = [], False
+    kept: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
     for node in graph.node:
         source = _noop_input(node, types, constants, uses, graph_outputs)
         out = node.output[0] if node.output else ""
         if source is None or out in graph_outputs or not out:
             kept.append(node)
             continue
-        rename_uses(graph, out, source)
+        renames[out] = source
         stats[f"removed_{node.op_type}"] += 1
-        changed = True
-    if changed:
+    if renames:
+        rename_all_uses(graph, renames)  # one sweep: linear in the graph, chains resolved
         del graph.node[:]
         graph.node.extend(kept)
-    return changed
+    return bool(renames)
 
 
 def _infer(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
