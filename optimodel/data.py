@@ -22,6 +22,7 @@ from optimodel.errors import DataError, UsageError
 
 LABELS_KEY = "labels"
 MAX_RANDOM_INPUT_BYTES = 4 * 2**30
+DEFAULT_DYNAMIC_DIM = 32
 RANDOM = "random"
 
 Dim = int | str | None
@@ -289,7 +290,12 @@ def _npz_folder(path: Path, specs: list[InputSpec], max_samples: int | None) -> 
 def resolve_shape(
     spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch_size: int
 ) -> tuple[int, ...]:
-    """Concrete dims for an input: `--shape` first, then the batch size on axis 0, else 1."""
+    """Concrete dims for an input: `--shape` first, then the batch size on axis 0, else 32.
+
+    32 rather than 1 for other dynamic dims (sequence, height, width): a sequence of one
+    token makes attention trivial and a 1x1 image breaks most CNNs, so verification on
+    such inputs would prove little.
+    """
     if spec.name in shapes:
         given = shapes[spec.name]
         if spec.shape and len(given) != len(spec.shape):
@@ -309,7 +315,7 @@ def resolve_shape(
         if isinstance(dim, int) and dim > 0:
             dims.append(dim)
         else:
-            dims.append(batch_size if axis == 0 else 1)
+            dims.append(batch_size if axis == 0 else DEFAULT_DYNAMIC_DIM)
     return tuple(dims)
 
 

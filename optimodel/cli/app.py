@@ -8,6 +8,7 @@ import typer
 
 from optimodel import __version__
 from optimodel.cli import (
+    batch_cmd,
     bench_cmd,
     doctor_cmd,
     eval_cmd,
@@ -59,6 +60,7 @@ app.command("prune")(prune_cmd.prune)
 app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("optimize")(optimize_cmd.optimize)
+app.command("batch")(batch_cmd.batch)
 
 
 def main() -> None:
