@@ -105,7 +105,10 @@ class Recipe:
                 )
             ):
                 step.options["calib_data"] = data
-            if step.name == "prune" and step.options.get("accuracy_budget") is not None:
+            budgeted = step.options.get("accuracy_budget") is not None
+            if step.name == "quantize" and budgeted and not step.options.get("eval_data"):
+                step.options["eval_data"] = data
+            if step.name == "prune" and budgeted:
                 if not step.options.get("eval_data"):
                     step.options["eval_data"] = data
 

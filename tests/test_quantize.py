@@ -621,3 +621,117 @@ def test_tiny_model_quantizes_dynamically(tiny_model):
     x = np.eye(4, dtype=np.float32)
     ref = _session(tiny_model).run(None, {"x": x})[0]
     np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], ref, atol=0.05)
+
+
+# ---------------------------------------------------------------- accuracy budget
+
+
+def _outlier_digits(tmp_path: Path, scale: float = 2000.0) -> Path:
+    """The trained digits CNN, rewritten so one activation has a huge dynamic range.
+
+    Channel 0 of block1's BatchNorm is scaled up by `scale` (ReLU keeps the factor) and the
+    matching input channel of block2's Conv scaled down by it: the float model computes
+    the same function, but per-tensor int8 of that activation crushes the other 15
+    channels to zero. Deterministic, and the culprit is known.
+    """
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor).copy()
+        if tensor.name in ("block.1.weight", "block.1.bias"):
+            array[0] *= scale
+        elif tensor.name == "block.3.weight":
+            array[:, 0] /= scale
+        else:
+            continue
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    path = tmp_path / "outlier.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_accuracy_budget_keeps_the_sensitive_layers_float(qcli, tmp_path):
+    src = _outlier_digits(tmp_path)
+    calib, held_out = _split_digits(tmp_path)
+    out = tmp_path / "budget.onnx"
+    result = qcli(
+        "quantize", src, "-o", out, "--mode", "static", "--calib-data", calib,
+        "--accuracy-budget", "1", "--eval-data", held_out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    budget = data["passes"][0]["stats"]["accuracy_budget"]
+    print(
+        f"\n[budget] digits CNN with one outlier channel, static int8 on 350 held-out images: "
+        f"full int8 drops {budget['drop_full_int8']:.2f} top-1 points; --accuracy-budget 1 "
+        f"keeps {len(budget['kept_float'])} node(s) float ({', '.join(budget['kept_float'])}) "
+        f"and drops {budget['drop']:.2f}; p50 at 1 thread {budget['p50_ms_full_int8']:.4f} -> "
+        f"{budget['p50_ms']:.4f} ms; {len(budget['trials'])} trials: "
+        + "; ".join(f"{t['kept_float']} float -> {t['drop']:.2f}" for t in budget["trials"])
+    )
+    assert budget["metric"] == "top1" and budget["baseline"] == 100.0
+    assert budget["drop_full_int8"] > 50  # plain static int8 is far over budget
+    assert budget["fits"] and budget["drop"] <= 1.0
+    assert {"block1_conv_1", "block2_conv_1"} <= set(budget["kept_float"])
+    assert len(budget["kept_float"]) < 8  # not everything: the rest stays int8
+    assert all(t["p50_ms"] > 0 for t in budget["trials"])
+    stats = data["passes"][0]["stats"]
+    assert stats["quantized_total"] >= 2 and "block2_conv_1" in stats["excluded_nodes"]
+    assert data["gates"] == [
+        {"name": "accuracy-budget", "metric": "top1", "limit": 1.0,
+         "measured": budget["drop"], "unit": "top-1 points", "passed": True}
+    ]  # fmt: skip
+    # the written model really is within budget, measured independently
+    dataset = load_data(held_out, model_input_specs(onnx.load(str(out))))
+    measured = evaluate(str(out), dataset, reference=str(src))
+    assert measured.drop <= 1.0
+
+
+def test_fidelity_budget_without_labels(tmp_path):
+    src = _outlier_digits(tmp_path)
+    with np.load(SAMPLES / "digits_test.npz") as data:
+        np.savez(tmp_path / "inputs.npz", input=data["input"][:64])
+    result = get_pass(
+        "quantize", mode="dynamic", op_types=["Conv", "MatMul"], accuracy_budget=0.5,
+        eval_data=str(tmp_path / "inputs.npz"),
+    ).run(onnx.load(str(src)))  # fmt: skip
+    budget = result.stats["accuracy_budget"]
+    print(
+        f"\n[budget] fidelity, dynamic: (1 - cosine) x 100 {budget['drop_full_int8']:.3f} -> "
+        f"{budget['drop']:.4f} with {budget['kept_float']} float"
+    )
+    assert budget["metric"] == "fidelity" and budget["fits"]
+    assert budget["drop_full_int8"] > 0.5 >= budget["drop"]
+
+
+def test_impossible_budget_exits_3_and_writes_nothing(qcli, tmp_path):
+    src = _outlier_digits(tmp_path)
+    calib, held_out = _split_digits(tmp_path)
+    out = tmp_path / "none.onnx"
+    args = [
+        "quantize", src, "-o", out, "--mode", "static", "--calib-data", calib,
+        "--accuracy-budget", "1", "--eval-data", held_out, "--max-trials", "1",
+    ]  # fmt: skip
+    result = qcli(*args)
+    assert result.exit_code == 3, result.output
+    assert "no quantization within an accuracy drop of 1 top-1 points" in result.stderr
+    assert "--keep-best" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+    kept = qcli(*args, "--keep-best", "--report", tmp_path / "r.json")
+    assert kept.exit_code == 3, kept.output
+    assert out.exists() and "wrote the best candidate" in kept.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "gate_failed" and not report["gates"][0]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "dynamic", "accuracy_budget": 1.0}, "needs --eval-data"),
+        ({"mode": "weight-only", "accuracy_budget": 1.0}, "applies to --mode dynamic / static"),
+        ({"mode": "dynamic", "eval_data": "x.npz"}, "need --accuracy-budget"),
+        ({"mode": "dynamic", "accuracy_budget": -1.0, "eval_data": "x.npz"}, ">= 0"),
+    ],
+)
+def test_bad_budget_options_are_usage_errors(options, message):
+    with pytest.raises(UsageError, match=message):
+        get_pass("quantize", **options)

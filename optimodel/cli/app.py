@@ -9,6 +9,7 @@ import typer
 from optimodel import __version__
 from optimodel.cli import (
     batch_cmd,
+    compare_cmd,
     bench_cmd,
     doctor_cmd,
     eval_cmd,
@@ -57,6 +58,7 @@ app.command("fuse")(fuse_cmd.fuse)
 app.command("fp16")(fp16_cmd.fp16)
 app.command("quantize")(quantize_cmd.quantize)
 app.command("prune")(prune_cmd.prune)
+app.command("compare")(compare_cmd.compare)
 app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("optimize")(optimize_cmd.optimize)

@@ -117,6 +117,35 @@ def quantize(
         int | None,
         _opt("--accuracy-level", help="Weight-only MatMulNBits compute: 0 float, 4 int8 (CPU)."),
     ] = None,
+    accuracy_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--accuracy-budget",
+            min=0.0,
+            help="Dynamic/static: largest drop allowed; keep the most sensitive nodes in float "
+            "until it fits (exit 3 if nothing does). With labels in --eval-data: top-1 points; "
+            "without: (1 - cosine) x 100 of the worst output (0.5 = cosine 0.995).",
+            show_default=False,
+        ),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        _opt("--eval-data", help="Data the --accuracy-budget drop is measured on (.npz)."),
+    ] = None,
+    eval_samples: Annotated[
+        int | None, _opt("--eval-samples", help="Use at most N samples of --eval-data.")
+    ] = None,
+    max_trials: Annotated[
+        int | None,
+        _opt("--max-trials", help="Quantize-and-measure trials for --accuracy-budget (12)."),
+    ] = None,
+    keep_best: Annotated[
+        bool,
+        typer.Option(
+            "--keep-best",
+            help="When no configuration fits the budget, write the best one anyway (exit 3).",
+        ),
+    ] = False,
     bench: Annotated[
         bool,
         typer.Option("--bench", help="Time input and output on the CPU; warn if it got slower."),
@@ -136,8 +165,7 @@ def quantize(
     quiet: QuietOpt = False,
 ) -> None:
     """Quantize to int8 (dynamic, static) or int4 weights, and say what really runs in int8."""
-    from optimodel.data import parse_int_range, parse_shapes
-    from optimodel.quant.api import quantize as quantize_model
+    from optimodel.errors import GateFailed
     from optimodel.report import check_report_paths
 
     reports = check_report_paths(report)
@@ -159,8 +187,42 @@ def quantize(
         "symmetric_weights": False if asymmetric_weights else None,
         "keep_head": False if quantize_head else None,
         "accuracy_level": accuracy_level,
+        "accuracy_budget": accuracy_budget,
+        "eval_data": eval_data,
+        "eval_samples": eval_samples,
+        "max_trials": max_trials,
+        "keep_best": keep_best or None,
     }
-    run = quantize_model(
+    try:
+        run = _run(model, output, mode, force, no_verify, data, samples, shape, int_range,
+                   external_data, bench, threads, given)  # fmt: skip
+    except GateFailed as exc:
+        failed = getattr(exc, "report", None)
+        if failed is not None:  # --keep-best wrote a model: show and keep its report too
+            _show(failed, reports, json_out, quiet)
+        raise
+    _show(run, reports, json_out, quiet)
+
+
+def _run(
+    model: Any,
+    output: Any,
+    mode: str,
+    force: bool,
+    no_verify: bool,
+    data: str | None,
+    samples: int | None,
+    shape: list[str] | None,
+    int_range: str,
+    external_data: bool | None,
+    bench: bool,
+    threads: int,
+    given: dict[str, Any],
+) -> Any:
+    from optimodel.data import parse_int_range, parse_shapes
+    from optimodel.quant.api import quantize as quantize_model
+
+    return quantize_model(
         model,
         output,
         mode=mode,
@@ -175,6 +237,9 @@ def quantize(
         threads=threads,
         **{k: v for k, v in given.items() if v is not None},
     )
+
+
+def _show(run: Any, reports: list[Any], json_out: bool, quiet: bool) -> None:
     result = run.to_dict()
     if json_out:
         print(json.dumps(result, indent=2))
@@ -219,6 +284,9 @@ def _render(data: dict[str, Any]) -> None:
     for label, value in rows:
         table.add_row(label, escape(str(value)))
     console.print(table)
+    budget = stats.get("accuracy_budget")
+    if budget:
+        _render_budget(budget)
     for row in data.get("latency") or []:
         console.print(
             escape(
@@ -237,3 +305,36 @@ def _float_layers(stats: dict[str, Any]) -> str:
         return "0"
     shown = ", ".join(names[:5]) + (", ..." if count > 5 else "")
     return f"{count} ({shown})"
+
+
+def _render_budget(budget: dict[str, Any]) -> None:
+    """Drop before and after, the nodes kept in float, and every trial with its latency."""
+    unit = budget["unit"]
+    kept = budget["kept_float"]
+    cost = budget.get("latency_cost_ms")
+    console.print(
+        escape(
+            f"accuracy budget {budget['budget']:g} {unit}: full int8 dropped "
+            f"{budget['drop_full_int8']:.3f}, the result drops {budget['drop']:.3f} with "
+            f"{len(kept)} node(s) in float"
+            + (f" ({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})" if kept else "")
+            + (
+                f"; p50 {budget['p50_ms_full_int8']:.3f} -> {budget['p50_ms']:.3f} ms at 1 "
+                f"thread ({cost:+.3f} ms)"
+                if cost is not None
+                else ""
+            )
+        )
+    )
+    table = Table(title="Accuracy-budget trials")
+    for column in ("float nodes", "drop", "p50 ms (1 thread)", "cost ms", "fits"):
+        table.add_column(column)
+    for trial in budget["trials"]:
+        table.add_row(
+            str(trial["kept_float"]),
+            f"{trial['drop']:.3f}",
+            "-" if trial["p50_ms"] is None else f"{trial['p50_ms']:.4f}",
+            "-" if trial["latency_cost_ms"] is None else f"{trial['latency_cost_ms']:+.4f}",
+            "yes" if trial["fits"] else "no",
+        )
+    console.print(table)

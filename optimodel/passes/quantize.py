@@ -12,6 +12,12 @@ pairs, layers left in float, weight bytes), because a quantizer that "succeeds" 
 still leave most of a model in float. ONNX Runtime's quantizers write files: they work in
 a private temporary folder that is removed afterwards, and their console output and log
 lines are collected into the stats instead of printed.
+
+`accuracy_budget` (dynamic and static) with `eval_data`: quantize fully, measure the drop
+against the float model, and when it is over budget keep the most sensitive nodes in float
+until it fits (`optimodel.quant.budget`: top-1 points with labels, (1 - cosine) x 100
+without). No fit raises GateFailed (exit 3) unless `keep_best`, which returns the best
+candidate with `stats["accuracy_budget"]["fits"]` False for the caller to write and fail.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ MODE_OPTIONS = {
     "symmetric_weights": ("weight-only",),
     "keep_head": ("weight-only",),
     "accuracy_level": ("weight-only",),
+    "accuracy_budget": ("dynamic", "static"),
 }
 
 
@@ -204,6 +211,11 @@ class QuantizePass(Pass):
         "accuracy_level": None,
         "shapes": None,
         "int_range": (0, 255),
+        "accuracy_budget": None,
+        "eval_data": None,
+        "eval_samples": None,
+        "max_trials": None,
+        "keep_best": False,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -211,6 +223,9 @@ class QuantizePass(Pass):
         self._per_channel = False
         self._excluded: list[str] = []
         self._validate()
+        if self.options["accuracy_budget"] is not None:
+            # the budget is the accuracy contract: verification reports, never refuses
+            self.tolerance = "none"  # type: ignore[misc]
 
     # ------------------------------------------------------------------ options
 
@@ -246,6 +261,18 @@ class QuantizePass(Pass):
                 flag = key.replace("_", "-")
                 raise UsageError(f"--{flag} '{o[key]}': choose from {', '.join(choices)}")
         target = o["target"]
+        if o["accuracy_budget"] is not None:
+            if not o["eval_data"]:
+                raise UsageError(
+                    "--accuracy-budget needs --eval-data: a .npz with 'labels' (top-1 points) "
+                    "or without (fidelity: (1 - cosine) x 100)"
+                )
+            if float(o["accuracy_budget"]) < 0:
+                raise UsageError("--accuracy-budget must be >= 0")
+            if o["max_trials"] is not None and int(o["max_trials"]) < 1:
+                raise UsageError(f"--max-trials {o['max_trials']}: must be at least 1")
+        elif o["eval_data"] or o["keep_best"] or o["max_trials"] is not None:
+            raise UsageError("--eval-data, --max-trials and --keep-best need --accuracy-budget")
         if mode == "dynamic" and target != "cpu":
             raise UsageError(
                 f"--mode dynamic makes ConvInteger / MatMulInteger / DynamicQuantizeLinear, "
@@ -335,14 +362,34 @@ class QuantizePass(Pass):
         prepare.name_nodes(work)
         self._excluded = self._resolve_exclusions(work, warnings)
         bytes_before = weight_bytes(work)
-        with tempfile.TemporaryDirectory(prefix="optimodel-quantize-") as tmp, _quiet_ort() as log:
+        budget: dict[str, Any] | None = None
+        log: list[str] = []
+        if self.options["accuracy_budget"] is None:
+            result, details = self._quantize(work, list(self._excluded), warnings, log)
+            self._check_output(result)
+        else:
+            result, details, budget = self._budget_search(model, work, warnings, log)
+            self._excluded = list(self._excluded) + list(budget["kept_float"])
+        warnings[:] = list(dict.fromkeys(warnings))  # each budget trial calibrates again
+        stats = self._stats(work, result, bytes_before, steps, details, warnings, log)
+        if budget is not None:
+            stats["accuracy_budget"] = budget
+        return PassResult(result, True, stats)
+
+    def _quantize(
+        self, work: onnx.ModelProto, excluded: list[str], warnings: list[str], log: list[str]
+    ) -> tuple[onnx.ModelProto, dict]:
+        """One run of ONNX Runtime's quantizer with these nodes kept in float."""
+        mode = self.options["mode"]
+        saved = self._excluded
+        self._excluded = excluded
+        with tempfile.TemporaryDirectory(prefix="optimodel-quantize-") as tmp, _quiet_ort() as got:
             try:
                 if mode == "dynamic":
-                    result, details = self._dynamic(work, Path(tmp))
-                elif mode == "static":
-                    result, details = self._static(work, Path(tmp), warnings)
-                else:
-                    result, details = self._weight_only(work, warnings)
+                    return self._dynamic(work, Path(tmp))
+                if mode == "static":
+                    return self._static(work, Path(tmp), warnings)
+                return self._weight_only(work, warnings)
             except OptimodelError:
                 raise
             except MemoryError:
@@ -356,9 +403,88 @@ class QuantizePass(Pass):
                     f"{_first_line(exc)}",
                     hint="exclude the failing node with --exclude-node, or report the model",
                 ) from exc
-        self._check_output(result)
-        stats = self._stats(work, result, bytes_before, steps, details, warnings, log)
-        return PassResult(result, True, stats)
+            finally:
+                self._excluded = saved
+                log.extend(m for m in got if m not in log)
+
+    def _budget_search(
+        self,
+        model: onnx.ModelProto,
+        work: onnx.ModelProto,
+        warnings: list[str],
+        log: list[str],
+    ) -> tuple[onnx.ModelProto, dict, dict[str, Any]]:
+        """Quantize, then keep sensitive nodes in float until the drop fits the budget."""
+        from optimodel.data import RANDOM, load_data, model_input_specs
+        from optimodel.errors import GateFailed
+        from optimodel.quant import budget as search
+
+        o = self.options
+        dataset = load_data(
+            o["eval_data"],
+            model_input_specs(model),
+            shapes=o["shapes"],
+            num_samples=o["eval_samples"],
+            int_range=tuple(o["int_range"]),  # type: ignore[arg-type]
+        )
+        if str(o["eval_data"]) == RANDOM:
+            warnings.append(
+                "--eval-data random: the budget is a fidelity figure on random inputs, not "
+                "accuracy on real data"
+            )
+        feeds = list(dataset)
+        first_feed = feeds[0].feed
+        details_of: dict[int, dict] = {}
+        user_excluded = list(self._excluded)
+
+        def quantize(kept: list[str]) -> onnx.ModelProto:
+            result, details = self._quantize(work, user_excluded + kept, warnings, log)
+            self._check_output(result)
+            details_of[id(result)] = details
+            return result
+
+        def rank(full: onnx.ModelProto) -> list[dict[str, Any]]:
+            candidates = [n for n in search.quantized_nodes(work, full) if n not in user_excluded]
+            return search.rank_nodes(
+                work,
+                full,
+                candidates,
+                feeds[: search.RANK_FEEDS],
+                keep_consumers=o["mode"] == "static",
+            )
+
+        with tempfile.TemporaryDirectory(prefix="optimodel-budget-") as tmp:
+            probe = search.DropProbe(model, dataset, tmp)
+            found = search.search(
+                budget=float(o["accuracy_budget"]),
+                quantize=quantize,
+                measure=probe.measure,
+                latency=lambda m: search.latency_p50_ms(m, first_feed),
+                rank=rank,
+                max_trials=int(o["max_trials"] or search.DEFAULT_MAX_TRIALS),
+                metric=probe.metric,
+                unit=probe.unit,
+                baseline=probe.baseline,
+            )
+        summary = found.to_dict()
+        summary["eval_data"] = dataset.description
+        best = found.best.model
+        assert best is not None
+        if not found.fits:
+            kept = len(found.best.kept_float)
+            message = (
+                f"no quantization within an accuracy drop of {found.budget:g} "
+                f"{probe.unit} was found in {len(found.trials)} trial(s); the best dropped "
+                f"{found.best.drop:.3g} with {kept} node(s) kept in float"
+            )
+            if not o["keep_best"]:
+                raise GateFailed(
+                    message + "; nothing was written",
+                    hint="allow a larger --accuracy-budget or --max-trials, calibrate on more "
+                    "typical --calib-data, or pass --keep-best to write the best candidate",
+                )
+            summary["message"] = message
+        return best, details_of[id(best)], summary
 
     def _needed_opset(self) -> tuple[int, str] | None:
         o = self.options

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from optimodel.data import RANDOM
-from optimodel.errors import OptimodelError, VerificationError
+from optimodel.errors import GateFailed, OptimodelError, VerificationError
 from optimodel.report import Report
 from optimodel.runtime.sessions import SessionConfig
 
@@ -57,6 +57,9 @@ def quantize(
     quantizer = get_pass("quantize", mode=mode, shapes=shapes, int_range=int_range, **options)
     calib = options.get("calib_data")
     notes = []
+    if verify and data is None and options.get("accuracy_budget") is not None:
+        data = str(options.get("eval_data"))
+        samples = samples or CALIB_VERIFY_FEEDS
     if verify and data is None and calib and str(calib) != RANDOM:
         data = str(calib)
         samples = samples or CALIB_VERIFY_FEEDS
@@ -98,6 +101,27 @@ def quantize(
     if bench:
         warnings.extend(_bench(report, Path(model), Path(output), data, shapes, threads, runs))
     report.messages.extend(WARNING_PREFIX + w for w in warnings)
+    budget = stats.get("accuracy_budget")
+    if budget is not None:
+        report.gates.append(
+            {
+                "name": "accuracy-budget",
+                "metric": budget["metric"],
+                "limit": budget["budget"],
+                "measured": budget["drop"],
+                "unit": budget["unit"],
+                "passed": bool(budget["fits"]),
+            }
+        )
+        if not budget["fits"]:  # --keep-best: the best candidate was written; still a failure
+            report.status = "gate_failed"
+            failure = GateFailed(
+                f"{budget.get('message', 'accuracy budget not met')}; wrote the best candidate "
+                f"to {output} (--keep-best)",
+                hint="allow a larger --accuracy-budget or --max-trials",
+            )
+            failure.report = report  # type: ignore[attr-defined]
+            raise failure
     return report
 
 
