@@ -9,8 +9,8 @@ import typer
 from optimodel import __version__
 from optimodel.cli import (
     batch_cmd,
-    compare_cmd,
     bench_cmd,
+    compare_cmd,
     doctor_cmd,
     eval_cmd,
     fold_cmd,
