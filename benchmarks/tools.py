@@ -46,7 +46,10 @@ def optimodel_inspect_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> None:
 
 
 def _optimodel_passes(
-    src: Path, out_dir: Path, feeds: list[Feed], passes: list[tuple[str, dict[str, Any]]],
+    src: Path,
+    out_dir: Path,
+    feeds: list[Feed],
+    passes: list[tuple[str, dict[str, Any]]],
     verify: bool = False,
 ) -> Path:
     """Load, run passes, save atomically: what `optimodel fold/fuse -o` does."""
@@ -55,14 +58,23 @@ def _optimodel_passes(
 
     out = out_dir / "model.onnx"
     transform_file(
-        src, out, [get_pass(name, **options) for name, options in passes],
-        subcommand="bench", verify=verify, force=True,
+        src,
+        out,
+        [get_pass(name, **options) for name, options in passes],
+        subcommand="bench",
+        verify=verify,
+        force=True,
     )
     return out
 
 
-_OPTIMODEL_IMPORTS = ("optimodel.transform", "optimodel.passes", "onnx_ir", "onnxruntime",
-                      "onnxruntime.transformers.optimizer")
+_OPTIMODEL_IMPORTS = (
+    "optimodel.transform",
+    "optimodel.passes",
+    "onnx_ir",
+    "onnxruntime",
+    "onnxruntime.transformers.optimizer",
+)
 
 
 @preload(*_OPTIMODEL_IMPORTS)
@@ -80,9 +92,7 @@ def optimodel_fold_fuse_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Pat
 @preload(*_OPTIMODEL_IMPORTS)
 def optimodel_fold_fuse_portable_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
     """fold + `fuse --target portable` (no verify): standard ONNX ops only."""
-    return _optimodel_passes(
-        src, out_dir, feeds, [("fold", {}), ("fuse", {"target": "portable"})]
-    )
+    return _optimodel_passes(src, out_dir, feeds, [("fold", {}), ("fuse", {"target": "portable"})])
 
 
 @preload(*_OPTIMODEL_IMPORTS)
