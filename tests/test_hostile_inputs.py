@@ -27,6 +27,12 @@ COMMANDS = {
         "--report",
         out.with_suffix(".json"),
     ],
+    "fuse": lambda m, out: ["fuse", m, "-o", out],
+    "quantize": lambda m, out: ["quantize", m, "-o", out, "--mode", "dynamic"],
+    "prune": lambda m, out: ["prune", m, "-o", out, "--sparsity", "0.5", "--min-params", "1"],
+    "fp16": lambda m, out: ["fp16", m, "-o", out],
+    "optimize": lambda m, out: ["optimize", m, "-o", out, "--no-bench"],
+    "compare": lambda m, out: ["compare", m, m, "--layers", "--report", out.with_suffix(".json")],
 }
 
 

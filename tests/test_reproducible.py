@@ -15,6 +15,8 @@ CASES = {
     "fuse": ("transformer_block.onnx", []),
     "quantize": ("digits_cnn.onnx", ["--mode", "dynamic"]),
     "prune": ("mlp.onnx", ["--sparsity", "0.5"]),
+    "fp16": ("transformer_block.onnx", []),
+    "optimize": ("digits_cnn.onnx", ["--no-bench"]),
 }
 
 
