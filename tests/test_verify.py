@@ -92,3 +92,14 @@ def test_tolerance_scales_with_reference_magnitude():
     comp = OutputComparator(["a"])
     comp.update([np.array([1000.0])], [np.array([1000.5])])
     assert tol.violations(comp.results()) == []  # 0.5 <= 1e-4 + 1e-3 * 1000
+
+
+def test_near_zero_outputs_judged_by_absolute_error():
+    """A 1e-11 output map that differs by rounding noise is the same model."""
+    comp = OutputComparator(["p"])
+    ref = np.full(64, 1e-11)
+    comp.update([ref], [ref + np.linspace(0, 6e-8, 64)])
+    (diff,) = comp.results()
+    assert diff.cosine < 0.999
+    assert get_tolerance("exact").violations([diff]) == []
+    assert get_tolerance("fp16").violations([diff])  # no absolute bound there: cosine rules
