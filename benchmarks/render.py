@@ -28,6 +28,15 @@ def _status(row: dict[str, Any]) -> str | None:
     return None
 
 
+def agreement_value(agreement: dict[str, Any], digits: int = 6) -> str:
+    """An agreement figure: a share as a percentage, a cosine (MiniLM) as a number."""
+    if agreement.get("format") == "cosine":
+        low = agreement.get("min")
+        text = f"{agreement['value']:.{digits}f}"
+        return text if low is None or digits < 6 else f"{text} (min {low:.{digits}f})"
+    return f"{agreement['value']:.0%}"
+
+
 def progress(row: dict[str, Any]) -> str:
     """One console line for a finished tool run."""
     if row.get("error"):
@@ -41,7 +50,7 @@ def progress(row: dict[str, Any]) -> str:
     fid = row["fidelity"]
     text += f", max abs diff {fid['max_abs_diff']:.3g}, cosine {fid['cosine']:.6f}"
     if "agreement" in fid:
-        text += f", {fid['agreement']['name']} {fid['agreement']['value']:.0%}"
+        text += f", {fid['agreement']['name']} {agreement_value(fid['agreement'])}"
     return text
 
 
@@ -67,7 +76,7 @@ def _cell(row: dict[str, Any], key: str, original: dict[str, Any]) -> str:
     if key == "fidelity":
         fid = row["fidelity"]
         agreement = fid.get("agreement")
-        return f"{agreement['value']:.0%}" if agreement else f"{fid['cosine']:.4f}"
+        return agreement_value(agreement, 4) if agreement else f"{fid['cosine']:.4f}"
     if key == "load":
         return _ratio(row["load"]["ratio"])
     return _ratio(row["latency"][key]["ratio"])
@@ -82,9 +91,8 @@ def _first(original: dict[str, Any], key: str, task: str | None) -> str:
     if key == "load":
         return f"{original['load']['median_ms']:.1f} ms"
     if key == "fidelity":
-        return {"classify": "top-1", "ctc": "lines", "segment": "mask IoU"}.get(
-            task or "", "cosine"
-        )
+        names = {"classify": "top-1", "ctc": "lines", "segment": "mask IoU"}
+        return {**names, "embedding": "embedding cosine"}.get(task or "", "cosine")
     return f"{original['latency'][key]['median_ms']:.3g} ms"
 
 
@@ -107,7 +115,7 @@ def _fidelity_cells(row: dict[str, Any]) -> list[str]:
     if not fid:
         return ["", "", ""]
     agreement = fid.get("agreement")
-    agree = f"{agreement['name']} {agreement['value']:.0%}" if agreement else ""
+    agree = f"{agreement['name']} {agreement_value(agreement)}" if agreement else ""
     return [f"{fid['max_abs_diff']:.3g}", f"{fid['cosine']:.6f}", agree]
 
 
@@ -217,7 +225,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "Fidelity on the same inputs as the original: the model's agreement figure (top-1 "
         "for classifiers, identical decoded lines for PP-OCR rec, probability-map IoU at 0.3 "
-        "for PP-OCR det), else the cosine over all outputs.",
+        "for PP-OCR det, mean per-sentence cosine of the sentence embeddings for MiniLM), "
+        "else the cosine over all outputs.",
         "",
     ]
     lines += _overview(report, "fidelity", "Fidelity", writers)

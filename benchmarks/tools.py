@@ -127,6 +127,38 @@ def optimodel_quant_static_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> 
     )
 
 
+@preload(*_OPTIMODEL_IMPORTS)
+def optimodel_fp16_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel fp16 --keep-io-types --data FEEDS`: float16 with measured fallback."""
+    data = _feeds_folder(out_dir, feeds)
+    return _optimodel_passes(
+        src, out_dir, feeds, [("fp16", {"keep_io_types": True, "data": str(data)})]
+    )
+
+
+@preload(*_OPTIMODEL_IMPORTS)
+def optimodel_prune_channel_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel prune --granularity channel --sparsity 0.3` (no recovery, no fine-tuning)."""
+    return _optimodel_passes(
+        src, out_dir, feeds, [("prune", {"granularity": "channel", "sparsity": 0.3})]
+    )
+
+
+@preload(*_OPTIMODEL_IMPORTS)
+def optimodel_prune50_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel prune --sparsity 0.5` unstructured, plain magnitude."""
+    return _optimodel_passes(src, out_dir, feeds, [("prune", {"sparsity": 0.5})])
+
+
+@preload(*_OPTIMODEL_IMPORTS)
+def optimodel_prune50_recovery_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel prune --sparsity 0.5 --calib-data FEEDS`: with least-squares recovery."""
+    calib = _feeds_folder(out_dir, feeds)
+    return _optimodel_passes(
+        src, out_dir, feeds, [("prune", {"sparsity": 0.5, "calib_data": str(calib)})]
+    )
+
+
 OPTIMODEL_TOOLS: dict[str, ToolFn] = {
     "optimodel-inspect": optimodel_inspect_tool,
     "optimodel-fold": optimodel_fold_tool,
@@ -135,6 +167,10 @@ OPTIMODEL_TOOLS: dict[str, ToolFn] = {
     "optimodel-fuse-verified": optimodel_fold_fuse_verified_tool,
     "optimodel-quant-dynamic": optimodel_quant_dynamic_tool,
     "optimodel-quant-static": optimodel_quant_static_tool,
+    "optimodel-fp16": optimodel_fp16_tool,
+    "optimodel-prune-channel": optimodel_prune_channel_tool,
+    "optimodel-prune50": optimodel_prune50_tool,
+    "optimodel-prune50-recovery": optimodel_prune50_recovery_tool,
 }
 
 TOOLS: dict[str, ToolFn] = {"copy": copy_tool, **PEERS, **OPTIMODEL_TOOLS}

@@ -682,3 +682,11 @@ def test_half_precision_models_are_verified_at_fp16_tolerance():
     after = _run(fused, {"input": data["input"]})[0].argmax(1)
     assert (before == after).mean() >= 0.995
     assert get_pass("fuse").tolerance == "exact"  # the class default is untouched
+
+
+def test_attention_dims_read_from_the_graph_even_with_minus_one_heads():
+    """Exporters that write `view(b, s, -1, head)` defeat ORT's own head-count detection."""
+    from optimodel.fusions.ort_transformer import attention_dims
+
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    assert attention_dims(model) == (4, 64)

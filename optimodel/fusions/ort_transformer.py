@@ -195,6 +195,71 @@ class OrtTransformerFusion(GraphPattern):
         )
 
 
+def _constant(model: onnx.ModelProto, name: str) -> Any:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for a in node.attribute:
+                if a.name == "value":
+                    return onnx.numpy_helper.to_array(a.t)
+    return None
+
+
+def _last_dim(model: onnx.ModelProto, producer: dict[str, Any], name: str) -> int | None:
+    """Last entry of a 4-D Reshape target: a constant, or the constant tail of a Concat."""
+    shape = _constant(model, name)
+    if shape is not None:
+        return int(shape[-1]) if shape.ndim == 1 and len(shape) == 4 else None
+    concat = producer.get(name)
+    if concat is None or concat.op_type != "Concat" or not concat.input:
+        return None
+    tail = _constant(model, concat.input[-1])
+    if tail is None or tail.size == 0:
+        return None
+    return int(tail.reshape(-1)[-1])
+
+
+def attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
+    """(num_heads, hidden_size) read from the graph, or (0, 0) to let ORT detect them.
+
+    ORT detects them from the Reshape that splits heads, which fails when an exporter
+    writes the head count as -1 (`view(batch, seq, -1, head_size)`, transformers >= 5).
+    Here: head size from that Reshape's last dim, hidden size from the projection weight
+    feeding it (MatMul [hidden, hidden], possibly through a bias Add).
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found: Counter[tuple[int, int]] = Counter()
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        head_size = _last_dim(model, producer, node.input[1])
+        if head_size is None or head_size <= 0:
+            continue
+        source = producer.get(node.input[0])
+        if source is not None and source.op_type == "Add":
+            source = next(
+                (
+                    producer[i]
+                    for i in source.input
+                    if i in producer and producer[i].op_type == "MatMul"
+                ),
+                None,
+            )
+        if source is None or source.op_type != "MatMul":
+            continue
+        weight = _constant(model, source.input[1])
+        if weight is None or weight.ndim != 2:
+            continue
+        hidden = int(weight.shape[1])
+        if hidden % head_size == 0 and hidden // head_size > 1:
+            found[(hidden // head_size, hidden)] += 1
+    if not found:
+        return 0, 0
+    return found.most_common(1)[0][0]
+
+
 def _optimize(
     model: onnx.ModelProto, enabled: set[str], *, shape_inference: bool
 ) -> tuple[onnx.ModelProto, dict[str, int], _Capture]:
@@ -203,12 +268,13 @@ def _optimize(
 
     options = _options(enabled)
     options.enable_shape_inference = shape_inference
+    num_heads, hidden_size = attention_dims(model)
     with _captured() as capture:
         optimizer = optimize_model(
             copy_model(model),
             model_type="bert",
-            num_heads=0,
-            hidden_size=0,
+            num_heads=num_heads,
+            hidden_size=hidden_size,
             optimization_options=options,
             opt_level=0,
         )
