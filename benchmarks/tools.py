@@ -138,24 +138,27 @@ def optimodel_fp16_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
 
 @preload(*_OPTIMODEL_IMPORTS)
 def optimodel_prune_channel_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
-    """`optimodel prune --granularity channel --sparsity 0.3` (no recovery, no fine-tuning)."""
+    """fold + `prune --granularity channel --sparsity 0.3` (no recovery, no fine-tuning)."""
     return _optimodel_passes(
-        src, out_dir, feeds, [("prune", {"granularity": "channel", "sparsity": 0.3})]
+        src,
+        out_dir,
+        feeds,
+        [("fold", {}), ("prune", {"granularity": "channel", "sparsity": 0.3})],
     )
 
 
 @preload(*_OPTIMODEL_IMPORTS)
 def optimodel_prune50_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
-    """`optimodel prune --sparsity 0.5` unstructured, plain magnitude."""
-    return _optimodel_passes(src, out_dir, feeds, [("prune", {"sparsity": 0.5})])
+    """fold + `prune --sparsity 0.5`: unstructured, plain magnitude."""
+    return _optimodel_passes(src, out_dir, feeds, [("fold", {}), ("prune", {"sparsity": 0.5})])
 
 
 @preload(*_OPTIMODEL_IMPORTS)
 def optimodel_prune50_recovery_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
-    """`optimodel prune --sparsity 0.5 --calib-data FEEDS`: with least-squares recovery."""
+    """fold + `prune --sparsity 0.5 --calib-data FEEDS`: with least-squares recovery."""
     calib = _feeds_folder(out_dir, feeds)
     return _optimodel_passes(
-        src, out_dir, feeds, [("prune", {"sparsity": 0.5, "calib_data": str(calib)})]
+        src, out_dir, feeds, [("fold", {}), ("prune", {"sparsity": 0.5, "calib_data": str(calib)})]
     )
 
 
