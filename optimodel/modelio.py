@@ -363,6 +363,8 @@ def save_model(
         external_data if external_data is not None else model_size(model) >= EXTERNAL_DATA_THRESHOLD
     )
     data_name = f"{out.name}.data"
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed earlier save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         tmp_model = tmp_dir / out.name
