@@ -222,6 +222,42 @@ def custom_domains(model: onnx.ModelProto) -> set[str]:
     }
 
 
+_SUB_BYTE_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _check_raw_sizes(model: onnx.ModelProto, source: str | os.PathLike[str]) -> None:
+    """Refuse a tensor whose raw bytes do not match its type and shape.
+
+    The ONNX checker refuses too few bytes but lets too many through, and every
+    later reader (numpy_helper.to_array) would then fail on the reshape.
+    """
+    from onnx import helper
+
+    for tensor in iter_tensors(model):
+        if not tensor.raw_data or _uses_external_data(tensor):
+            continue
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue  # unknown type: the checker's business
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        bits = _SUB_BYTE_BITS.get(tensor.data_type)
+        need = (count * bits + 7) // 8 if bits else count * itemsize
+        if len(tensor.raw_data) != need:
+            raise ModelLoadError(
+                f"{source}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
+                f"its type and shape need {need}"
+            )
+
+
 def check_model(
     model: onnx.ModelProto, source: str | os.PathLike[str] = "model", *, strict: bool = False
 ) -> None:
@@ -250,11 +286,16 @@ def check_model(
     except (onnx.checker.ValidationError, ValueError) as exc:
         reason = " ".join(str(exc).split("\n")[0:1]).strip() or type(exc).__name__
         raise ModelLoadError(f"{source}: fails the ONNX checker: {reason}") from exc
+    _check_raw_sizes(model, source)
     if strict and not huge and not custom_domains(model):
         try:
             onnx.checker.check_model(model, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            reason = str(exc).strip().splitlines()[0]
+        except (
+            onnx.checker.ValidationError,
+            onnx.shape_inference.InferenceError,
+            ValueError,  # e.g. "Invalid tensor data type 99." from inference
+        ) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"{source}: fails ONNX type/shape inference: {reason}") from exc
 
 
