@@ -690,3 +690,23 @@ def test_attention_dims_read_from_the_graph_even_with_minus_one_heads():
 
     model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
     assert attention_dims(model) == (4, 64)
+
+
+def test_ort_fusion_that_changes_the_output_is_declined():
+    """A reshape target with batch and sequence swapped still matches ORT's Attention
+    pattern; the probe run catches the changed output and nothing of ORT's is kept."""
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    node = next(n for n in model.graph.node if n.name == "attn_q_heads_concat")
+    node.input[0], node.input[1] = node.input[1], node.input[0]
+    result = get_pass("fuse").run(model)
+    x = np.random.default_rng(0).random((1, 32, 64), dtype=np.float32)
+    expected = _run_model(model, {"hidden_states": x})
+    got = _run_model(result.model, {"hidden_states": x})
+    assert got.shape == expected.shape == (32, 32, 64)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert any("changed what the graph computes" in d["reason"] for d in result.declined)
+
+
+def _run_model(model: onnx.ModelProto, feed: dict) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]

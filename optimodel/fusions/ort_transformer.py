@@ -185,6 +185,10 @@ class OrtTransformerFusion(GraphPattern):
             first = str(exc).strip().splitlines()[0][:200]
             reason = f"the fused model fails the ONNX checker ({first}); nothing fused"
             return GraphOutcome(None, declined=[_decline(reason)], info=info)
+        problem = _probe_differs(model, result)
+        if problem:
+            reason = f"ONNX Runtime's fusions changed what the graph computes ({problem}); "
+            return GraphOutcome(None, declined=[_decline(reason + "nothing fused")], info=info)
         fired = {
             name: max(0, sum(after[op] for op in ops) - sum(before[op] for op in ops))
             for name, ops in FUSED_OPS.items()
@@ -193,6 +197,49 @@ class OrtTransformerFusion(GraphPattern):
         return GraphOutcome(
             result, fired={k: v for k, v in fired.items() if v}, declined=declined, info=info
         )
+
+
+def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+    """Run both graphs on probe inputs; a description of a difference, or None.
+
+    ORT's pattern matchers assume exporter-shaped graphs: a Reshape target with batch and
+    sequence swapped still fuses into Attention, with other output shapes. The probes
+    use batch 1 and 2 with sequence 32 (distinct, so such swaps show) and 0/1 integers
+    (valid ids, masks and token types), so the check holds even under --no-verify.
+    """
+    import numpy as np
+
+    from optimodel.data import load_data, model_input_specs
+    from optimodel.errors import OptimodelError
+    from optimodel.runtime.sessions import create_session, run_session
+
+    specs = model_input_specs(before)
+    ref_session = after_session = None
+    for batch_size in (1, 2):
+        try:
+            data = load_data(
+                "random", specs, batch_size=batch_size, num_samples=1, int_range=(0, 1)
+            )
+            feed = next(iter(data)).feed
+            ref_session = ref_session or create_session(before, source="before fusion")
+            ref = run_session(ref_session, feed)
+        except OptimodelError:
+            continue  # the input does not run on this probe: the pipeline judges it
+        try:
+            after_session = after_session or create_session(after, source="after fusion")
+            got = run_session(after_session, feed)
+        except OptimodelError as exc:
+            return f"the fused graph fails on a probe input: {exc.message[:120]}"
+        names = [o.name for o in ref_session.get_outputs()]
+        for name, a, b in zip(names, ref, got, strict=False):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape:
+                return f"output '{name}' has shape {list(b.shape)}, not {list(a.shape)}"
+            if a.dtype.kind == "f":
+                bound = 1e-4 + 1e-3 * float(np.abs(a).max(initial=0.0))
+                if float(np.abs(a.astype(np.float64) - b).max(initial=0.0)) > bound:
+                    return f"output '{name}' differs on a probe input"
+    return None
 
 
 def _constant(model: onnx.ModelProto, name: str) -> Any:
