@@ -12,7 +12,6 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from optimodel.modelio import iter_graphs
+
 Feed = dict[str, np.ndarray]
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 PROVIDERS = ["CPUExecutionProvider"]
 ort.set_default_logger_severity(3)  # errors only: graph warnings would drown the progress
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
-
-
 def _model_bytes(path: Path, model: onnx.ModelProto) -> int:
     """The .onnx file plus every external data file it refers to."""
     files = set()
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for tensor in graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = {e.key: e.value for e in tensor.external_data}
@@ -51,7 +41,7 @@ def _model_bytes(path: Path, model: onnx.ModelProto) -> int:
 def graph_stats(path: Path) -> dict[str, Any]:
     """Nodes (main graph + subgraphs), Constant and non-standard-domain nodes, bytes, checker."""
     model = onnx.load(str(path), load_external_data=False)
-    nodes = [n for g in _graphs(model.graph) for n in g.node]
+    nodes = [n for g in iter_graphs(model.graph) for n in g.node]
     try:
         onnx.checker.check_model(str(path))
         checker = "ok"

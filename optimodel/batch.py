@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -363,6 +362,8 @@ def render_batch_markdown(summary: dict[str, Any]) -> str:
 
 def write_batch_report(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the batch summary atomically as .json or .md (by suffix)."""
+    from optimodel.report import write_text_atomic
+
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix == ".json":
@@ -373,13 +374,4 @@ def write_batch_report(summary: dict[str, Any], path: str | os.PathLike[str]) ->
         raise UsageError(
             f"--report {target}: unknown format '{suffix}' for batch; use .json or .md"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OptimodelError(f"{target}: cannot write the report: {exc.strerror or exc}") from exc
-    return target
+    return write_text_atomic(target, text)

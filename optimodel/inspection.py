@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from optimodel.data import model_input_specs, resolve_shape
 from optimodel.modelio import (
+    count_nodes,
     external_data_files,
     iter_graphs,
     iter_tensors,
@@ -274,7 +275,7 @@ def inspect_model(
             ),
             "outputs": _signature(model.graph.output),
             "nodes": len(model.graph.node),
-            "nodes_with_subgraphs": sum(len(g.node) for g in iter_graphs(model.graph)),
+            "nodes_with_subgraphs": count_nodes(model),
             "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
             "parameters": _parameters(model),
             "macs": estimate_macs(model, shapes),

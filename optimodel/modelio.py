@@ -45,6 +45,11 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from iter_graphs(sub)
 
 
+def count_nodes(model: onnx.ModelProto) -> int:
+    """Nodes of the main graph and of every subgraph."""
+    return sum(len(g.node) for g in iter_graphs(model.graph))
+
+
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Yield every stored tensor: initializers and Constant/attribute tensors, subgraphs too."""
     for graph in iter_graphs(model.graph):

@@ -22,7 +22,7 @@ import onnx
 
 from optimodel.data import Batch
 from optimodel.errors import OptimodelError, VerificationError
-from optimodel.modelio import check_model, iter_graphs, model_size
+from optimodel.modelio import check_model, count_nodes, model_size
 from optimodel.passes import Pass
 from optimodel.runtime.sessions import SessionConfig, create_session, run_session
 from optimodel.verify import OutputComparator, get_tolerance
@@ -55,10 +55,6 @@ def time_budget(seconds: float | None) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def count_nodes(model: onnx.ModelProto) -> int:
-    return sum(len(g.node) for g in iter_graphs(model.graph))
 
 
 @dataclass
@@ -104,6 +100,13 @@ class StageOutputs:
         self.config = config
         self.names: list[str] = []
         self.outputs: list[list[np.ndarray]] = []
+        # the input model's outputs: the final model is compared with them, no re-run
+        self.first: tuple[list[str], list[list[np.ndarray]]] | None = None
+
+    def final(self, tolerance: str) -> dict[str, Any]:
+        """The last accepted stage against the input model, from outputs already computed."""
+        assert self.first is not None, "the input model has not been run"
+        return self.compare(self.names, self.outputs, tolerance, "result", self.first)
 
     def run(self, model: onnx.ModelProto, source: str) -> tuple[list[str], list[list[np.ndarray]]]:
         session = create_session(model, self.config, source=source)
@@ -111,18 +114,27 @@ class StageOutputs:
         return names, [run_session(session, b.feed, source) for b in self.batches]
 
     def set(self, names: list[str], outputs: list[list[np.ndarray]]) -> None:
+        if self.first is None:
+            self.first = (names, outputs)
         self.names, self.outputs = names, outputs
 
     def compare(
-        self, names: list[str], outputs: list[list[np.ndarray]], tolerance: str, where: str
+        self,
+        names: list[str],
+        outputs: list[list[np.ndarray]],
+        tolerance: str,
+        where: str,
+        reference: tuple[list[str], list[list[np.ndarray]]] | None = None,
     ) -> dict[str, Any]:
-        missing = [n for n in self.names if n not in names]
+        """Candidate outputs against the latest stage (or `reference`) under a tolerance."""
+        ref_names, ref_outputs = reference or (self.names, self.outputs)
+        missing = [n for n in ref_names if n not in names]
         if missing:
             raise VerificationError(f"{where}: removed model output(s) {', '.join(missing)}")
-        comparator = OutputComparator(self.names)
-        for ref, cand in zip(self.outputs, outputs, strict=True):
+        comparator = OutputComparator(ref_names)
+        for ref, cand in zip(ref_outputs, outputs, strict=True):
             by_name = dict(zip(names, cand, strict=True))
-            comparator.update(ref, [by_name[n] for n in self.names])
+            comparator.update(ref, [by_name[n] for n in ref_names])
         diffs = comparator.results()
         violations = get_tolerance(tolerance).violations(diffs)
         return {
@@ -179,13 +191,16 @@ def run_passes(
     pass_timeout: float | None = None,
     source: str = "model",
     on_pass: Callable[[PassRecord], None] | None = None,
+    stage: StageOutputs | None = None,
 ) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply passes in order, verifying each against the stage before it.
 
     `batches=None` skips the numeric comparison (`--no-verify`); the checker always runs.
+    A `stage` whose input outputs are already set (see `transform_file`) is used as is.
     """
-    stage = StageOutputs(batches, session_config) if batches is not None else None
-    if stage is not None:
+    if stage is None and batches is not None:
+        stage = StageOutputs(batches, session_config)
+    if stage is not None and stage.first is None:
         stage.set(*stage.run(model, source))
     records = []
     current = model

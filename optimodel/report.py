@@ -48,8 +48,8 @@ def tool_versions() -> dict[str, str]:
 def model_record(path: str | os.PathLike[str], model: Any | None = None) -> dict[str, Any]:
     """What identifies a model file in a report."""
     from optimodel.modelio import (
+        count_nodes,
         file_sha256,
-        iter_graphs,
         iter_tensors,
         load_model,
         model_files_bytes,
@@ -65,7 +65,7 @@ def model_record(path: str | os.PathLike[str], model: Any | None = None) -> dict
         "path": str(source),
         "sha256": file_sha256(source),
         "bytes": model_files_bytes(source),
-        "nodes": sum(len(g.node) for g in iter_graphs(model.graph)),
+        "nodes": count_nodes(model),
         "parameters": parameters,
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
     }
@@ -511,6 +511,11 @@ def write_report(report: Report | dict[str, Any], path: str | os.PathLike[str]) 
         text = render_html(report)
     else:
         raise UsageError(f"--report {target}: unknown format '{suffix}'; use .json, .md or .html")
+    return write_text_atomic(target, text)
+
+
+def write_text_atomic(target: Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename: never half a report."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

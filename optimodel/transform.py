@@ -21,10 +21,9 @@ from optimodel.modelio import (
     save_model,
 )
 from optimodel.passes import Pass
-from optimodel.pipeline import PassRecord, run_passes
+from optimodel.pipeline import PassRecord, StageOutputs, run_passes
 from optimodel.report import Report, model_record
 from optimodel.runtime.sessions import SessionConfig
-from optimodel.verify import verify_models
 
 VERIFY_FEEDS = 2
 
@@ -54,10 +53,7 @@ def transform_file(
     model = load_model(source)
     check_model(model, source, strict=True)
     report.input_model = model_record(source, model)
-    batches = None
-    dataset = None
-    if verify and not _runnable(model, session_config, report, source):
-        verify = False
+    stage = None
     if verify:
         dataset = load_data(
             data,
@@ -67,30 +63,22 @@ def transform_file(
             num_samples=samples or VERIFY_FEEDS,
             int_range=int_range,
         )
-        batches = list(dataset)
+        stage = _input_stage(model, StageOutputs(list(dataset), session_config), report, source)
     result, records = run_passes(
         model,
         passes,
-        batches=batches,
         session_config=session_config,
         pass_timeout=pass_timeout,
         source=str(source),
         on_pass=on_pass,
+        stage=stage,
     )
     report.passes = [r.to_dict() for r in records]
     for record in records:
         if record.status == "skipped":
             report.messages.append(f"pass '{record.name}' skipped: {record.reason}")
-    if batches is not None and dataset is not None:
-        final = verify_models(
-            model,
-            result,
-            batches,
-            tolerance=_loosest(passes),
-            session_config=session_config,
-            data_description=dataset.description,
-        )
-        report.verification = final.to_dict()
+    if stage is not None:
+        report.verification = {**stage.final(_loosest(passes)), "data": dataset.description}
     names = tuple(r.name for r in records if r.status == "ok")
     save_model(
         result,
@@ -104,18 +92,19 @@ def transform_file(
     return report.finish()
 
 
-def _runnable(model: Any, config: SessionConfig | None, report: Report, source: Path) -> bool:
-    """Whether ONNX Runtime can run the input.
+def _input_stage(
+    model: Any, stage: StageOutputs, report: Report, source: Path
+) -> StageOutputs | None:
+    """Run the input once; its outputs are what every pass and the result are compared to.
 
-    A model with custom-domain ops it has no kernels for is still transformed (its
-    unknown ops kept as they are), unverified, and the report says so; any other
+    A model with custom-domain ops ONNX Runtime has no kernels for is still transformed
+    (its unknown ops kept as they are), unverified, and the report says so; any other
     model ONNX Runtime refuses is refused here too.
     """
     from optimodel.errors import OptimodelError
-    from optimodel.runtime.sessions import create_session
 
     try:
-        create_session(model, config, source=str(source))
+        stage.set(*stage.run(model, str(source)))
     except OptimodelError:
         domains = custom_domains(model)
         if not domains:
@@ -125,8 +114,8 @@ def _runnable(model: Any, config: SessionConfig | None, report: Report, source: 
             f"{', '.join(sorted(domains))} ops (pass --custom-op-library to verify); "
             f"the ONNX checker still ran"
         )
-        return False
-    return True
+        return None
+    return stage
 
 
 def _loosest(passes: list[Pass]) -> str:
@@ -134,13 +123,3 @@ def _loosest(passes: list[Pass]) -> str:
 
     order = list(TOLERANCES)
     return max((p.tolerance for p in passes), key=order.index, default="exact")
-
-
-def summary_line(report: Report) -> dict[str, Any]:
-    """Before/after figures a command prints in one line."""
-    before, after = report.input_model or {}, report.output_model or {}
-    return {
-        "nodes": (before.get("nodes"), after.get("nodes")),
-        "parameters": (before.get("parameters"), after.get("parameters")),
-        "bytes": (before.get("bytes"), after.get("bytes")),
-    }

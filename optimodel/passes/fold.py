@@ -32,7 +32,7 @@ from optimodel.graphs import (
     subgraph_references,
     value_types,
 )
-from optimodel.modelio import iter_graphs
+from optimodel.modelio import count_nodes, iter_graphs
 from optimodel.passes.base import Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
     import onnx_ir as ir
     from onnx_ir.passes import common
 
-    before_nodes = sum(len(g.node) for g in iter_graphs(model.graph))
+    before_nodes = count_nodes(model)
     before_inits = sum(len(g.initializer) for g in iter_graphs(model.graph))
     ir_model = ir.serde.deserialize_model(model)
     for p in (
@@ -379,9 +379,7 @@ def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
         if len(kept) != len(graph.value_info):
             del graph.value_info[:]
             graph.value_info.extend(kept)
-    stats["nodes_removed_by_cse_and_dce"] += before_nodes - sum(
-        len(g.node) for g in iter_graphs(out.graph)
-    )
+    stats["nodes_removed_by_cse_and_dce"] += before_nodes - count_nodes(out)
     stats["initializers_removed"] += before_inits - sum(
         len(g.initializer) for g in iter_graphs(out.graph)
     )
@@ -401,7 +399,7 @@ class FoldPass(Pass):
         work = copy_model(model)
         stats: Counter[str] = Counter()
         largest: list[dict[str, Any]] = []
-        nodes_before = sum(len(g.node) for g in iter_graphs(work.graph))
+        nodes_before = count_nodes(work)
         for graph in iter_graphs(work.graph):
             _lift_constant_nodes(graph, stats)
         for _ in range(int(self.options["iterations"])):
@@ -417,7 +415,7 @@ class FoldPass(Pass):
             if not changed:
                 break
         work = _ir_cleanup(work, stats)
-        nodes_after = sum(len(g.node) for g in iter_graphs(work.graph))
+        nodes_after = count_nodes(work)
         largest.sort(key=lambda e: -e["bytes"])
         result_stats: dict[str, Any] = {k: v for k, v in sorted(stats.items()) if v}
         result_stats["largest_folded"] = largest[:5]
