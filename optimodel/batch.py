@@ -121,10 +121,12 @@ def optimize_one(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = task["model"]
     try:
+        from optimodel.modelio import model_scope
         from optimodel.optimize import optimize_file
         from optimodel.report import write_report
 
-        report = optimize_file(model, task["output"], task["recipe"], **task["options"])
+        with model_scope():  # a pool worker runs many models, each from its own folder
+            report = optimize_file(model, task["output"], task["recipe"], **task["options"])
         data = report.to_dict()
         write_report(data, task["report"])
         row = {"model": model, **summarize(data), "error": None}

@@ -14,15 +14,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from optimodel.data import model_input_specs, resolve_shape
 from optimodel.modelio import (
     count_nodes,
     external_data_files,
+    external_folder,
     iter_graphs,
     iter_tensors,
     read_provenance,
+    tensor_array,
     tensor_bytes,
 )
 
@@ -89,9 +91,10 @@ def _parameters(model: onnx.ModelProto) -> dict[str, Any]:
             onnx.TensorProto.BFLOAT16,
             onnx.TensorProto.DOUBLE,
         )
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if is_float and elems >= SPARSITY_MIN_ELEMENTS and not external:
-            tensor_zeros = int(np.count_nonzero(numpy_helper.to_array(tensor) == 0))
+        # external tensors of a lazily loaded model are read one at a time
+        readable = tensor.data_location != onnx.TensorProto.EXTERNAL or external_folder()
+        if is_float and elems >= SPARSITY_MIN_ELEMENTS and readable:
+            tensor_zeros = int(np.count_nonzero(tensor_array(tensor) == 0))
             zeros += tensor_zeros
             counted += elems
             if tensor_zeros * 2 >= elems:

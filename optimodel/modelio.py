@@ -14,12 +14,16 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from optimodel import __version__
 from optimodel.errors import ModelLoadError, OptimodelError
@@ -31,6 +35,18 @@ EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 PROVENANCE_PREFIX = "optimodel."
+
+# External data of at least this many bytes is not read into memory at load: its tensors
+# keep pointing at the file and are read on demand (a tensor at a time, or mapped by
+# ONNX Runtime), so a model above protobuf's 2 GB limit loads, runs and saves without
+# ever being serialized whole.
+LAZY_EXTERNAL_BYTES = 1 << 30
+
+# The folder a lazily loaded model's external data is relative to travels with the model
+# (and every copy a pass makes of it) in this metadata entry, removed again at save.
+FOLDER_KEY = "optimodel:external_folder"
+# The folder tensor_array() reads from, for code that holds a tensor and not its model.
+_external_folder: ContextVar[Path | None] = ContextVar("external_folder", default=None)
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -68,6 +84,89 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def _uses_external_data(tensor: onnx.TensorProto) -> bool:
     return tensor.HasField("data_location") and (tensor.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def has_external_tensors(model: onnx.ModelProto) -> bool:
+    """True for a lazily loaded model: some tensors still live in an external file."""
+    return any(_uses_external_data(t) for t in iter_tensors(model))
+
+
+def external_folder(model: onnx.ModelProto | None = None) -> Path | None:
+    """Folder a lazily loaded model's external data is relative to (None: not lazy)."""
+    if model is not None:
+        for prop in model.metadata_props:
+            if prop.key == FOLDER_KEY:
+                return Path(prop.value)
+        return None
+    return _external_folder.get()
+
+
+def _mark_lazy(model: onnx.ModelProto, source: Path) -> None:
+    """Record where a lazily loaded model's data lives, on the model and as the default."""
+    folder = Path(os.path.realpath(source.parent))
+    _strip_folder(model)
+    model.metadata_props.add(key=FOLDER_KEY, value=str(folder))
+    _external_folder.set(folder)
+
+
+def _strip_folder(model: onnx.ModelProto) -> str | None:
+    """Remove the folder entry (it must never reach a saved file); returns its value."""
+    found = [p.value for p in model.metadata_props if p.key == FOLDER_KEY]
+    if found:
+        kept = [p for p in model.metadata_props if p.key != FOLDER_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    return found[0] if found else None
+
+
+@contextmanager
+def external_data_folder(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Resolve external tensors of in-memory models against `folder` inside the block."""
+    token = _external_folder.set(Path(folder))
+    try:
+        yield
+    finally:
+        _external_folder.reset(token)
+
+
+@contextmanager
+def model_scope() -> Iterator[None]:
+    """One command's (or one batch task's) models: a lazily loaded folder is forgotten after."""
+    token = _external_folder.set(None)
+    try:
+        yield
+    finally:
+        _external_folder.reset(token)
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values, read from its external file when it was loaded lazily."""
+    if _uses_external_data(tensor):
+        folder = external_folder()
+        if folder is None:
+            raise ModelLoadError(f"tensor '{tensor.name}' has external data and no known folder")
+        return numpy_helper.to_array(tensor, base_dir=str(folder))
+    return numpy_helper.to_array(tensor)
+
+
+def in_external_folder(model: onnx.ModelProto | None = None) -> Any:
+    """Work inside a lazily loaded model's folder, for tools that read external data
+    relative to the working folder (the ONNX checker, ONNX Runtime's quantizer, onnx-ir)."""
+    return _in_folder(external_folder(model))
+
+
+@contextmanager
+def _in_folder(folder: Path | None) -> Iterator[None]:
+    """Work inside `folder`: the ONNX checker resolves in-memory external data from cwd."""
+    if folder is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -147,13 +246,14 @@ def load_model(
         raise ModelLoadError(
             f"{source}: not an ONNX model (no IR version or graph); is it another file format?"
         )
-    if load_external_data:
-        files = external_data_files(model, source.parent, source)
-        if files:
-            try:
-                external_data_helper.load_external_data_for_model(model, str(source.parent))
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"{source}: cannot read external data: {exc}") from exc
+    files = external_data_files(model, source.parent, source)
+    if files and (not load_external_data or sum(files.values()) >= LAZY_EXTERNAL_BYTES):
+        _mark_lazy(model, source)
+    elif files:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(source.parent))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{source}: cannot read external data: {exc}") from exc
     if check:
         check_model(model, source)
     return model
@@ -180,9 +280,10 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size, estimated without serializing when the model is huge."""
+    """Serialized size plus external data, estimated without serializing when huge."""
+    external = sum(tensor_bytes(t) for t in iter_tensors(model) if _uses_external_data(t))
     try:
-        return model.ByteSize()
+        return model.ByteSize() + external
     except (ValueError, OverflowError):  # pragma: no cover - protobuf refuses >2 GB
         return sum(tensor_bytes(t) for t in iter_tensors(model))
 
@@ -283,18 +384,21 @@ def check_model(
                 f"{source}: uses opset {opset.version}, newer than this onnx supports ({newest})"
             )
     huge = model_size(model) >= EXTERNAL_DATA_THRESHOLD and Path(str(source)).is_file()
+    lazy = external_folder(model) if has_external_tensors(model) else None
     try:
         if huge:
             onnx.checker.check_model(str(source))
         else:
-            onnx.checker.check_model(model)
+            with _in_folder(lazy):
+                onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         reason = " ".join(str(exc).split("\n")[0:1]).strip() or type(exc).__name__
         raise ModelLoadError(f"{source}: fails the ONNX checker: {reason}") from exc
     _check_raw_sizes(model, source)
     if strict and not huge and not custom_domains(model):
         try:
-            onnx.checker.check_model(model, full_check=True)
+            with _in_folder(lazy):
+                onnx.checker.check_model(model, full_check=True)
         except (
             onnx.checker.ValidationError,
             onnx.shape_inference.InferenceError,
@@ -380,6 +484,78 @@ def check_output_path(
     return out
 
 
+def _refuse_overwriting_sources(model: onnx.ModelProto, data_path: Path) -> None:
+    """The new data file must not replace a file the lazily loaded tensors are read from."""
+    folder = external_folder(model)
+    if folder is None or not data_path.exists():
+        return
+    for tensor in iter_tensors(model):
+        if _uses_external_data(tensor):
+            source = folder / _external_info(tensor).get("location", "")
+            if _same_file(source, data_path):
+                raise OptimodelError(
+                    f"{data_path}: is the input's external data file; choose another -o/--output"
+                )
+
+
+_COPY_CHUNK = 16 << 20
+_PAGE = 4096
+
+
+def write_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write a model whose tensors may live in external files, never holding them whole.
+
+    External tensors are copied file to file in chunks; in-memory tensors of at least
+    `EXTERNAL_TENSOR_MIN_BYTES` are written out too; all land in one `data_name` file
+    beside `path`, page-aligned so ONNX Runtime can map them.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    folder = external_folder(model) or external_folder()
+    _strip_folder(light)
+    with open(path.parent / data_name, "wb") as out:
+        for tensor in iter_tensors(light):
+            if _uses_external_data(tensor):
+                if folder is None:
+                    raise OptimodelError(f"tensor '{tensor.name}': external data folder unknown")
+                info = _external_info(tensor)
+                source = folder / info.get("location", "")
+                offset = int(info.get("offset", "0") or 0)
+                length = int(info.get("length") or source.stat().st_size - offset)
+                start = _pad_to_page(out)
+                with open(source, "rb") as handle:
+                    handle.seek(offset)
+                    left = length
+                    while left:
+                        chunk = handle.read(min(left, _COPY_CHUNK))
+                        if not chunk:
+                            raise OptimodelError(f"{source}: ends inside tensor '{tensor.name}'")
+                        out.write(chunk)
+                        left -= len(chunk)
+            elif len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+                start = _pad_to_page(out)
+                length = len(tensor.raw_data)
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", start), ("length", length)):
+                tensor.external_data.add(key=key, value=str(value))
+        out.flush()
+        os.fsync(out.fileno())
+    path.write_bytes(light.SerializeToString())
+
+
+def _pad_to_page(handle: BinaryIO) -> int:
+    position = handle.tell()
+    padding = -position % _PAGE
+    if padding:
+        handle.write(b"\0" * padding)
+    return position + padding
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -405,7 +581,10 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     if provenance is not None:
         stamp_provenance(model, provenance)
-    use_external = (
+    lazy = has_external_tensors(model) and external_folder(model) is not None
+    if not lazy:
+        _strip_folder(model)  # all its data is in memory now: the folder no longer matters
+    use_external = lazy or (
         external_data if external_data is not None else model_size(model) >= EXTERNAL_DATA_THRESHOLD
     )
     data_name = f"{out.name}.data"
@@ -414,7 +593,10 @@ def save_model(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         tmp_model = tmp_dir / out.name
-        if use_external:
+        if lazy:
+            _refuse_overwriting_sources(model, out.parent / data_name)
+            write_streaming(model, tmp_model, data_name)
+        elif use_external:
             to_write = onnx.ModelProto()
             to_write.CopyFrom(model)
             onnx.save_model(

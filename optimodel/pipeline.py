@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,13 @@ import onnx
 
 from optimodel.data import Batch
 from optimodel.errors import OptimodelError, VerificationError
-from optimodel.modelio import check_model, count_nodes, model_size
+from optimodel.modelio import (
+    check_model,
+    count_nodes,
+    external_data_folder,
+    external_folder,
+    model_size,
+)
 from optimodel.passes import Pass
 from optimodel.runtime.sessions import SessionConfig, create_session, run_session
 from optimodel.verify import OutputComparator, get_tolerance
@@ -146,6 +152,12 @@ class StageOutputs:
         }
 
 
+def _external_data_of(model: onnx.ModelProto) -> Any:
+    """Inside a pass, tensors of a lazily loaded model are read from its own folder."""
+    folder = external_folder(model)
+    return external_data_folder(folder) if folder is not None else nullcontext()
+
+
 def _accept(
     candidate: onnx.ModelProto,
     record: PassRecord,
@@ -210,7 +222,7 @@ def run_passes(
         )
         start = time.perf_counter()
         try:
-            with time_budget(pass_timeout):
+            with time_budget(pass_timeout), _external_data_of(current):
                 result = p.run(current)
         except PassTimeout:
             record.status, record.reason = "skipped", f"ran out of its {pass_timeout:g} s budget"

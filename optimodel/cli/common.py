@@ -51,8 +51,11 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from optimodel.modelio import model_scope
+
         try:
-            return func(*args, **kwargs)
+            with model_scope():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except OptimodelError as exc:

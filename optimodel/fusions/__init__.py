@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimodel.graphs import STANDARD_DOMAINS, attr, static_shape
-from optimodel.modelio import iter_graphs
+from optimodel.modelio import iter_graphs, tensor_array
 
 __all__ = [
     "FLOAT_TYPES",
@@ -119,7 +119,7 @@ class GraphView:
 
     def _load(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_array(self.initializers[name])
         node = self.producers.get(name)
         if node is None or node.op_type != "Constant" or node.domain not in STANDARD_DOMAINS:
             return None
@@ -128,7 +128,7 @@ class GraphView:
             if value is None:
                 continue
             if isinstance(value, onnx.TensorProto):
-                return numpy_helper.to_array(value)
+                return tensor_array(value)
             dtype = np.float32 if key.startswith("value_float") else np.int64
             return np.asarray(value, dtype=dtype)
         return None

@@ -26,6 +26,7 @@ import onnx
 from optimodel.fusions import GraphOutcome, GraphPattern, GraphView, register, shapes_only
 from optimodel.fusions.layernorm import LAYERNORM_OPSET, expand_layernorm
 from optimodel.graphs import STANDARD_DOMAINS, copy_model, value_types
+from optimodel.modelio import tensor_array
 
 MS_DOMAIN = "com.microsoft"
 # Pattern name -> the ONNX Runtime ops that hold one such fusion each.
@@ -245,12 +246,12 @@ def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto) -> str | Non
 def _constant(model: onnx.ModelProto, name: str) -> Any:
     for init in model.graph.initializer:
         if init.name == name:
-            return onnx.numpy_helper.to_array(init)
+            return tensor_array(init)
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
             for a in node.attribute:
                 if a.name == "value":
-                    return onnx.numpy_helper.to_array(a.t)
+                    return tensor_array(a.t)
     return None
 
 

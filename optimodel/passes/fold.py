@@ -32,8 +32,15 @@ from optimodel.graphs import (
     subgraph_references,
     value_types,
 )
-from optimodel.modelio import count_nodes, iter_graphs
+from optimodel.modelio import (
+    count_nodes,
+    has_external_tensors,
+    in_external_folder,
+    iter_graphs,
+    tensor_array,
+)
 from optimodel.passes.base import Pass, PassResult, register_pass
+from optimodel.runtime.sessions import point_to_external_data
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +128,7 @@ def _fold_shapes(
             if dims is not None and all(d is not None for d in dims):
                 new_consts[node.output[0]] = np.array(int(np.prod(dims)), dtype=np.int64)
         elif node.op_type == "Gather" and node.input[0] in partial and node.input[1] in constants:
-            index = numpy_helper.to_array(constants[node.input[1]])
+            index = tensor_array(constants[node.input[1]])
             dims = partial[node.input[0]]
             try:
                 picked = np.asarray(dims, dtype=object)[index]
@@ -169,6 +176,7 @@ def _evaluate(
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
+    point_to_external_data(model, options)
     try:
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
@@ -296,8 +304,7 @@ def _noop_input(
         )
         training = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if mask_used or (
-            training
-            and (training not in constants or bool(numpy_helper.to_array(constants[training])))
+            training and (training not in constants or bool(tensor_array(constants[training])))
         ):
             return None
         return node.input[0]
@@ -315,7 +322,7 @@ def _noop_input(
         dims = static_shape(types.get(node.input[0]))
         if dims is None or any(d is None for d in dims):
             return None
-        target = numpy_helper.to_array(constants[node.input[1]]).astype(np.int64).ravel()
+        target = tensor_array(constants[node.input[1]]).astype(np.int64).ravel()
         if op == "Reshape":
             out = _reshape_result(dims, target, int(attr(node, "allowzero", 0)))  # type: ignore[arg-type]
             return node.input[0] if out == dims else None
@@ -365,14 +372,17 @@ def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
 
     before_nodes = count_nodes(model)
     before_inits = sum(len(g.initializer) for g in iter_graphs(model.graph))
+    # a lazily loaded model's weights stay on disk: hashing them all would read them all
+    hash_limit = 1 << 20 if has_external_tensors(model) else 1 << 30
     ir_model = ir.serde.deserialize_model(model)
-    for p in (
-        common.CommonSubexpressionEliminationPass(),
-        common.DeduplicateHashedInitializersPass(size_limit=1 << 30),
-        common.RemoveUnusedNodesPass(),
-    ):
-        ir_model = p(ir_model).model
-    out = ir.serde.serialize_model(ir_model)
+    with in_external_folder(model):  # onnx-ir reads external tensors from the working folder
+        for p in (
+            common.CommonSubexpressionEliminationPass(),
+            common.DeduplicateHashedInitializersPass(size_limit=hash_limit),
+            common.RemoveUnusedNodesPass(),
+        ):
+            ir_model = p(ir_model).model
+        out = ir.serde.serialize_model(ir_model)
     for graph in iter_graphs(out.graph):  # onnx-ir records initializer types: redundant bytes
         names = {t.name for t in graph.initializer}
         kept = [v for v in graph.value_info if v.name not in names]

@@ -25,6 +25,7 @@ import onnx
 
 from optimodel.errors import GateFailed, OptimodelError, UsageError
 from optimodel.graphs import copy_model
+from optimodel.modelio import tensor_array
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.pruning import channel as ch
 from optimodel.pruning.common import (
@@ -69,14 +70,13 @@ def _sparsity(array: np.ndarray) -> float:
 
 def _model_zeros(model: onnx.ModelProto) -> tuple[int, int]:
     """Zero and total elements of the float initializers of the main graph."""
-    from onnx import numpy_helper
 
     from optimodel.pruning.common import FLOAT_TYPES
 
     zeros = total = 0
     for tensor in model.graph.initializer:
         if tensor.data_type in FLOAT_TYPES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            array = numpy_helper.to_array(tensor)
+            array = tensor_array(tensor)
             zeros += int(np.count_nonzero(array == 0))
             total += array.size
     return zeros, total
@@ -319,12 +319,11 @@ class PrunePass(Pass):
         )
         pruned_model, recovery = refit(ratios)
         arrays = {t.name: t for t in pruned_model.graph.initializer}
-        from onnx import numpy_helper
 
         rows = []
         zeros = total = 0
         for i, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
-            after = numpy_helper.to_array(arrays[layer.name])
+            after = tensor_array(arrays[layer.name])
             row: dict[str, Any] = {
                 "weight": layer.name,
                 "nodes": layer.nodes,

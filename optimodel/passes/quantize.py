@@ -36,13 +36,25 @@ from onnx import TensorProto
 
 from optimodel.errors import OptimodelError, UsageError
 from optimodel.graphs import copy_model
-from optimodel.modelio import EXTERNAL_DATA_THRESHOLD, iter_graphs, model_size
+from optimodel.modelio import (
+    EXTERNAL_DATA_THRESHOLD,
+    external_folder,
+    has_external_tensors,
+    in_external_folder,
+    infer_shapes,
+    iter_graphs,
+    model_size,
+    write_streaming,
+)
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
 from optimodel.quant.targets import TARGETS, check_target
 
 MODES = ("dynamic", "static", "weight-only")
+# contrib ops from fusion (Attention, SkipLayerNorm) carry no inferred output type;
+# they are float, and the quantizer needs to be told so
+_DYNAMIC_EXTRA = {"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT}
 FORMATS = ("qdq", "qoperator")
 INT4_FORMATS = ("matmulnbits", "qdq")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -162,6 +174,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _save(model: onnx.ModelProto, path: Path) -> bool:
     """Write a model for ORT's file-based quantizers; external data above the 2 GB limit."""
+    if has_external_tensors(model) and external_folder(model) is not None:
+        write_streaming(model, path, f"{path.name}.data")  # lazily loaded: file to file
+        return True
     big = model_size(model) >= EXTERNAL_DATA_THRESHOLD
     onnx.save_model(
         model,
@@ -529,8 +544,16 @@ class QuantizePass(Pass):
 
         o = self.options
         src, out = tmp / "input.onnx", tmp / "quantized.onnx"
-        big = _save(model, src)
         ops = self._op_types()
+        details = {
+            "format": "integer ops (DynamicQuantizeLinear + MatMulInteger / ConvInteger)",
+            "activations": "uint8, quantized at run time per tensor",
+            "weights": f"{o['weight_type']} {'per-channel' if o['per_channel'] else 'per-tensor'}",
+            "op_types": ops,
+        }
+        if has_external_tensors(model) and external_folder(model) is not None:
+            return self._dynamic_lazy(model, ops), details
+        big = _save(model, src)
         quantize_dynamic(
             str(src),
             str(out),
@@ -540,17 +563,57 @@ class QuantizePass(Pass):
             weight_type=QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8,
             nodes_to_exclude=list(self._excluded),
             use_external_data_format=big,
-            # contrib ops from fusion (Attention, SkipLayerNorm) carry no inferred output
-            # type; they are float, and the quantizer needs to be told so
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
+            extra_options=_DYNAMIC_EXTRA,
         )
-        details = {
-            "format": "integer ops (DynamicQuantizeLinear + MatMulInteger / ConvInteger)",
-            "activations": "uint8, quantized at run time per tensor",
-            "weights": f"{o['weight_type']} {'per-channel' if o['per_channel'] else 'per-tensor'}",
-            "op_types": ops,
-        }
         return onnx.load(str(out)), details
+
+    def _dynamic_lazy(self, model: onnx.ModelProto, ops: list[str]) -> onnx.ModelProto:
+        """quantize_dynamic's own steps on a model whose weights stay in their file.
+
+        `quantize_dynamic` loads every float weight before quantizing any (about three
+        times the model's size at its peak); ONNX Runtime's quantizer driven on the
+        lazily loaded graph reads one weight at a time, so the peak is the int8 result.
+        """
+        from unittest import mock
+
+        from onnxruntime.quantization import QuantType, onnx_quantizer
+        from onnxruntime.quantization.quant_utils import (
+            QuantizationMode,
+            add_infer_metadata,
+            update_opset_version,
+        )
+
+        def reload_in_memory(graph: onnx.ModelProto) -> onnx.ModelProto:
+            # ORT's version saves the model and reloads it with every weight in memory
+            inferred, _ = infer_shapes(graph)
+            add_infer_metadata(inferred)
+            return inferred
+
+        o = self.options
+        weight_type = QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8
+        work = update_opset_version(reload_in_memory(model), weight_type)
+        with (
+            mock.patch.object(
+                onnx_quantizer, "save_and_reload_model_with_shape_infer", reload_in_memory
+            ),
+            in_external_folder(model),  # ORT reads each weight relative to the working folder
+        ):
+            quantizer = onnx_quantizer.ONNXQuantizer(
+                work,
+                bool(o["per_channel"]),
+                False,  # reduce_range
+                QuantizationMode.IntegerOps,
+                False,  # static
+                weight_type,
+                QuantType.QUInt8,  # dynamic activations are uint8
+                None,
+                [],
+                list(self._excluded),
+                ops,
+                dict(_DYNAMIC_EXTRA),
+            )
+            quantizer.quantize_model()
+        return quantizer.model.model
 
     def _static(
         self, model: onnx.ModelProto, tmp: Path, warnings: list[str]
@@ -648,10 +711,11 @@ class QuantizePass(Pass):
                 op_types_to_quantize=tuple(self._op_types()),
                 bits=nbits_,
             )
-            quantizer = nbits.MatMulNBitsQuantizer(
-                source, nodes_to_exclude=exclude, algo_config=config
-            )
-            quantizer.process()
+            with in_external_folder(source):  # lazily loaded weights: read from their folder
+                quantizer = nbits.MatMulNBitsQuantizer(
+                    source, nodes_to_exclude=exclude, algo_config=config
+                )
+                quantizer.process()
             return quantizer.model.model
 
         result = quantize(model, bits, excluded + heads)

@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optimodel.graphs import STANDARD_DOMAINS, copy_model, has_subgraph
-from optimodel.modelio import iter_graphs
+from optimodel.modelio import iter_graphs, tensor_array
 from optimodel.precision.formats import LowFormat
 
 FLOAT = TensorProto.FLOAT
@@ -72,7 +72,7 @@ class GraphFacts:
         self.constant_nodes: dict[str, int] = {}
         for tensor in graph.initializer:
             if tensor.name not in self.overridable and tensor.data_type == FLOAT:
-                self.constants[tensor.name] = numpy_helper.to_array(tensor)
+                self.constants[tensor.name] = tensor_array(tensor)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.sub_refs: dict[int, set[str]] = {}
@@ -107,7 +107,7 @@ def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
         return None
     attr = node.attribute[0]
     if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
+        return tensor_array(attr.t)
     if attr.name == "value_float":
         return np.array(attr.f, dtype=np.float32)
     if attr.name == "value_floats":
@@ -465,7 +465,7 @@ def _patch_typed_attributes(node: onnx.NodeProto, fmt: LowFormat, emulate: bool)
                 attr.i = fmt.onnx_type
     elif node.op_type == "ConstantOfShape":
         values = [a for a in node.attribute if a.name == "value"]
-        array = numpy_helper.to_array(values[0].t) if values else np.zeros(1, np.float32)
+        array = tensor_array(values[0].t) if values else np.zeros(1, np.float32)
         if array.dtype != np.float32:
             return
         tensor = numpy_helper.from_array(fmt.round(array), "") if emulate else fmt.tensor(array, "")

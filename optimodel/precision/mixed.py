@@ -35,6 +35,7 @@ from optimodel.precision.convert import (
 )
 from optimodel.precision.formats import FLOAT16, LowFormat, relative_error
 from optimodel.precision.ranges import ValueDiff, ValueStats, compare_values, measure_values
+from optimodel.runtime.sessions import point_to_external_data
 
 # Kept in float32 unless asked otherwise. Range: no fp16 in its schema, and its count
 # must be exact. CumSum: a long fp16 running sum drifts. TopK / NonMaxSuppression /
@@ -301,6 +302,7 @@ def load_problem(model: onnx.ModelProto, fmt: LowFormat, strict: bool) -> str | 
 
         options = ort.SessionOptions()
         options.log_severity_level = 4
+        point_to_external_data(model, options)
         try:
             ort.InferenceSession(
                 model.SerializeToString(), options, providers=["CPUExecutionProvider"]

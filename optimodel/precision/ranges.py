@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from optimodel.precision.formats import LowFormat, relative_error
+from optimodel.runtime.sessions import point_to_external_data
 
 # Intermediate outputs per session: the first chunk measures how large values are,
 # later ones are sized so one run holds about `memory_budget` bytes of activations.
@@ -72,6 +73,7 @@ def _session(model: onnx.ModelProto) -> object:
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    point_to_external_data(model, options)
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

@@ -30,6 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimodel.graphs import attr, copy_model, static_shape, subgraph_references
+from optimodel.modelio import tensor_array
 from optimodel.pruning.common import capped_smallest, node_label
 
 UNARY = {
@@ -150,7 +151,7 @@ class _Analyzer:
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.constants[name])
+            self._arrays[name] = tensor_array(self.constants[name])
         return self._arrays[name]
 
     def rank(self, name: str) -> int | None:
@@ -632,10 +633,10 @@ def _rewrite_tensors(
     replaced: set[str] = set()
     for name in by_tensor:
         if name in initializers:
-            source = numpy_helper.to_array(initializers[name])
+            source = tensor_array(initializers[name])
         else:
             value = attr(constant_nodes[name], "value")
-            source = numpy_helper.to_array(value)  # type: ignore[arg-type]
+            source = tensor_array(value)  # type: ignore[arg-type]
         variants: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for reader in readers[name]:
             ops = edits.get(reader, [])

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimodel.graphs import attr, consumers
-from optimodel.modelio import iter_graphs
+from optimodel.modelio import iter_graphs, tensor_array
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -120,7 +120,7 @@ def find_layer_weights(
             blocked[name] = f"excluded ({node.op_type} {label})"
         layer = found.get(name)
         if layer is None:
-            layer = found[name] = LayerWeight(name, numpy_helper.to_array(tensor))
+            layer = found[name] = LayerWeight(name, tensor_array(tensor))
         layer.uses.append(WeightUse(node, *axes))
     # A weight read by anything else (an Add, a Reshape, a subgraph) stays as it is.
     uses = consumers(graph)

@@ -22,6 +22,8 @@ import onnx
 from onnx import numpy_helper
 
 from optimodel.graphs import attr, copy_model
+from optimodel.modelio import tensor_array
+from optimodel.runtime.sessions import point_to_external_data
 
 MAX_ROWS_PER_FEED = 4096  # im2col rows sampled per feed and layer (keeps X^T X cheap)
 DAMPING = 0.01  # fraction of the mean diagonal of X^T X added to it
@@ -60,13 +62,13 @@ def _layer(model: onnx.ModelProto, output: str) -> _Layer | None:
             return None
     elif node.op_type != "MatMul" or len(inits[node.input[1]].dims) != 2:
         return None
-    weight = numpy_helper.to_array(inits[node.input[1]])
+    weight = tensor_array(inits[node.input[1]])
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = None
     if bias_name is not None:
         if bias_name not in inits:
             return None
-        bias = numpy_helper.to_array(inits[bias_name])
+        bias = tensor_array(inits[bias_name])
     return _Layer(node, weight, bias, bias_name)
 
 
@@ -194,6 +196,7 @@ def _record(
     probe = _upstream(model, names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    point_to_external_data(probe, options)
     session = ort.InferenceSession(
         probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

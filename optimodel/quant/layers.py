@@ -38,6 +38,7 @@ import onnx
 
 from optimodel.data import Batch
 from optimodel.errors import OptimodelError
+from optimodel.modelio import tensor_array
 from optimodel.runtime.sessions import SessionConfig, create_session, run_session
 from optimodel.verify import OutputComparator
 
@@ -177,7 +178,6 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
 
     found = {t.name: t for t in graph.initializer}
     for node in graph.node:
@@ -185,7 +185,7 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
             for attr in node.attribute:
                 if attr.name == "value":
                     found[node.output[0]] = attr.t
-    return {name: numpy_helper.to_array(t) for name, t in found.items()}
+    return {name: tensor_array(t) for name, t in found.items()}
 
 
 def match_tensors(

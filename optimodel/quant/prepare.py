@@ -18,7 +18,7 @@ import onnx
 
 from optimodel.errors import OptimodelError
 from optimodel.graphs import STANDARD_DOMAINS, consumers
-from optimodel.modelio import infer_shapes, iter_graphs
+from optimodel.modelio import infer_shapes, iter_graphs, tensor_array
 
 # Fuse-pass options that keep its output to standard ops (no com.microsoft fusions that
 # the quantizers and TensorRT do not know), when the pass offers them.
@@ -174,7 +174,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         name = weight.name
         if attrs.get("transB", 0):
-            array = numpy_helper.to_array(weight).T.copy()
+            array = tensor_array(weight).T.copy()
             name = f"{weight.name}_transposed" if len(readers[weight.name]) > 1 else weight.name
             if name == weight.name:
                 weight.CopyFrom(numpy_helper.from_array(array, name))

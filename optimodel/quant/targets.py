@@ -13,10 +13,9 @@ from collections import Counter
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from optimodel.errors import OptimodelError
-from optimodel.modelio import iter_graphs
+from optimodel.modelio import iter_graphs, tensor_array
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 MS = "com.microsoft"
@@ -124,7 +123,7 @@ def asymmetric_qdq(model: onnx.ModelProto) -> list[str]:
                     problems.append(f"{label}: {type_name} {what}")
                     break
             else:
-                if zp is not None and np.any(numpy_helper.to_array(zp).astype(np.float32)):
+                if zp is not None and np.any(tensor_array(zp).astype(np.float32)):
                     problems.append(f"{label}: non-zero zero point")
     return problems
 

@@ -133,12 +133,30 @@ def create_session(
     name = source or (str(model) if not isinstance(model, onnx.ModelProto) else "model")
     try:
         if isinstance(model, onnx.ModelProto):
+            point_to_external_data(model, options)
             payload: Any = model.SerializeToString()
         else:
             payload = str(model)
         return ort.InferenceSession(payload, sess_options=options, providers=provider_args)
     except Exception as exc:  # ORT raises its own (non-public) exception classes
         raise _session_error(name, exc) from exc
+
+
+# Where ONNX Runtime finds external data for a model given as bytes (it maps the file).
+EXTERNAL_FOLDER_ENTRY = "session.model_external_initializers_file_folder_path"
+
+
+def point_to_external_data(model: onnx.ModelProto, options: Any) -> None:
+    """Let ONNX Runtime read a lazily loaded model's weights from their file itself.
+
+    The graph alone is serialized; the weights are never copied through Python, so a
+    model above the 2 GB protobuf limit runs at about its own size in memory.
+    """
+    from optimodel.modelio import external_folder, has_external_tensors
+
+    folder = external_folder(model) or external_folder()
+    if folder is not None and has_external_tensors(model):
+        options.add_session_config_entry(EXTERNAL_FOLDER_ENTRY, str(folder))
 
 
 def fallback_providers(session: Any, requested: Sequence[str]) -> list[str]:
