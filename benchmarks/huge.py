@@ -5,11 +5,13 @@ external data file (written tensor by tensor, never held whole in memory), plus 
 foldable nodes (a constant product, an Identity, a Shape->Gather->Reshape chain) so
 `fold` has work to do. Each command runs in its own process; its peak resident memory
 comes from the kernel (`wait4`), and is reported as a multiple of the model's size.
+onnxslim (when installed) and ONNX Runtime's own quantize_dynamic run on the same file.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 WIDTH = 4096
@@ -44,7 +45,8 @@ def make_huge_model(path: Path, total_bytes: int, width: int = WIDTH) -> int:
             handle.write(weight)
             tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[width, width])
             tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", offset), ("length", len(weight))):
+            entries = {"location": data_name, "offset": offset, "length": len(weight)}
+            for key, value in entries.items():
                 tensor.external_data.add(key=key, value=str(value))
             offset += len(weight)
             inits.append(tensor)
@@ -113,11 +115,32 @@ def measure(folder: Path, total_bytes: int) -> list[dict[str, object]]:
             str(folder / "int8.onnx"),
         ],
     }
+    # peers on the same file, same process measurement
+    peers = {
+        "peer: onnxslim": [
+            sys.executable, "-m", "onnxslim", str(model), str(folder / "slim.onnx"),
+            "--save-as-external-data",
+        ],
+        "peer: ORT quantize_dynamic": [
+            sys.executable, "-c",
+            "import sys; from onnxruntime.quantization import quantize_dynamic; "
+            "quantize_dynamic(sys.argv[1], sys.argv[2], use_external_data_format=True)",
+            str(model), str(folder / "ort_int8.onnx"),
+        ],
+    }  # fmt: skip
+    if importlib.util.find_spec("onnxslim") is None:
+        del peers["peer: onnxslim"]
+    commands.update(peers)
+    outputs = {
+        "fold": folder / "fold.onnx",
+        "quantize --mode dynamic": folder / "int8.onnx",
+        "peer: onnxslim": folder / "slim.onnx",
+        "peer: ORT quantize_dynamic": folder / "ort_int8.onnx",
+    }
     rows = []
     for name, args in commands.items():
         code, seconds, peak, last = run_measured(args)
-        out = {"fold": folder / "fold.onnx", "quantize --mode dynamic": folder / "int8.onnx"}
-        written = out.get(name)
+        written = outputs.get(name)
         rows.append(
             {
                 "command": name,

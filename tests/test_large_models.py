@@ -198,6 +198,7 @@ def test_a_model_above_2_gb_through_inspect_fold_and_quantize(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    rows = [row for row in rows if "peer:" not in row]  # peers are measured, not judged
     assert len(rows) == 3
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
