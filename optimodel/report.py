@@ -245,7 +245,10 @@ def verdict(data: dict[str, Any]) -> str:
         worst = min(o["cosine"] for o in ver["outputs"])
         parts.append(f"cosine {_fmt(worst, 6)}")
     for gate in data.get("gates", []):
-        parts.append(f"gate {gate['name']} {'passed' if gate['passed'] else 'FAILED'}")
+        outcome = "passed" if gate["passed"] else "FAILED"
+        if not gate["passed"] and gate.get("outcome") == "kept-float":
+            outcome = "FAILED, kept float"
+        parts.append(f"gate {gate['name']} {outcome}")
     return " | ".join(parts)
 
 

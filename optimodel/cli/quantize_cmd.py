@@ -153,6 +153,21 @@ def quantize(
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Intra-op threads for --bench.")
     ] = 1,
+    if_slower: Annotated[
+        str | None,
+        _opt(
+            "--if-slower",
+            help="Time input and output here; if the output is slower than "
+            "--max-latency-ratio: warn, keep-float (write the input model) or fail (exit 3).",
+        ),
+    ] = None,
+    max_latency_ratio: Annotated[
+        float,
+        typer.Option(
+            "--max-latency-ratio",
+            help="Largest quantized/input p50 latency ratio --if-slower accepts.",
+        ),
+    ] = 1.05,
     force: ForceOpt = False,
     no_verify: NoVerifyOpt = False,
     data: DataOpt = None,
@@ -194,6 +209,7 @@ def quantize(
         "keep_best": keep_best or None,
     }
     try:
+        given.update(if_slower=if_slower, max_latency_ratio=max_latency_ratio)
         run = _run(model, output, mode, force, no_verify, data, samples, shape, int_range,
                    external_data, bench, threads, given)  # fmt: skip
     except GateFailed as exc:
@@ -294,6 +310,14 @@ def _render(data: dict[str, Any]) -> None:
                 f"thread(s) ({row['latency_ratio']:.2f}x)"
             )
         )
+    for gate in data.get("gates") or []:
+        if gate["name"] == "latency":
+            verdict = "[green]faster[/]" if gate["passed"] else "[red]not faster[/]"
+            console.print(
+                f"latency quantized/input (interleaved): {gate['measured']:.2f}x, limit "
+                f"{gate['limit']:g}x: {verdict}"
+                + (f"; {escape(gate['action'])}" if gate.get("action") else "")
+            )
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
 

@@ -42,6 +42,9 @@ def render_transform(data: dict[str, Any]) -> None:
     for col in ("", "nodes", "parameters", "bytes", "path"):
         models.add_column(col, overflow="fold")
     for label, rec in (("before", before), ("after", after)):
+        if rec is None:  # a gate removed it
+            models.add_row(label, "-", "-", "-", "not written")
+            continue
         models.add_row(
             label,
             _num(rec["nodes"]),

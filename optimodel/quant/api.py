@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from optimodel.data import RANDOM
-from optimodel.errors import GateFailed, OptimodelError, VerificationError
+from optimodel.errors import GateFailed, OptimodelError, UsageError, VerificationError
 from optimodel.report import Report
 from optimodel.runtime.sessions import SessionConfig
 
@@ -31,6 +31,8 @@ ACCURACY_HINT = {
 CALIB_VERIFY_FEEDS = 16
 # A quantized model this much slower than the input is flagged (timing noise is ~ +-3 %).
 SLOWER_THAN = 1.05
+# What to do when the quantized model is slower than --max-latency-ratio allows.
+IF_SLOWER = ("warn", "keep-float", "fail")
 
 
 def quantize(
@@ -48,11 +50,23 @@ def quantize(
     bench: bool = False,
     threads: int = 1,
     runs: int = 50,
+    if_slower: str | None = None,
+    max_latency_ratio: float = SLOWER_THAN,
     **options: Any,
 ) -> Report:
-    """Quantize `model` into `output` (options: those of the `quantize` pass) and report."""
+    """Quantize `model` into `output` (options: those of the `quantize` pass) and report.
+
+    `if_slower` times input and output here (interleaved) and, when the output's latency
+    ratio is above `max_latency_ratio`: `warn`s, writes the float input instead
+    (`keep-float`), or removes the output and fails the gate (`fail`, exit 3).
+    """
     from optimodel.passes import get_pass
     from optimodel.transform import transform_file
+
+    if if_slower is not None and if_slower not in IF_SLOWER:
+        raise UsageError(f"--if-slower {if_slower}: choose from {', '.join(IF_SLOWER)}")
+    if not max_latency_ratio > 0:
+        raise UsageError(f"--max-latency-ratio {max_latency_ratio}: must be above 0")
 
     quantizer = get_pass("quantize", mode=mode, shapes=shapes, int_range=int_range, **options)
     calib = options.get("calib_data")
@@ -98,9 +112,17 @@ def quantize(
             f"the quantized model is larger than the input ({before['bytes']:,} -> "
             f"{after['bytes']:,} bytes)"
         )
-    if bench:
-        warnings.extend(_bench(report, Path(model), Path(output), data, shapes, threads, runs))
+    if bench or if_slower:
+        said = _bench(report, Path(model), Path(output), data, shapes, threads, runs)
+        warnings.extend([] if if_slower else said)  # the speed gate says it, interleaved
+    if if_slower:
+        warnings.extend(
+            _speed_gate(report, Path(model), Path(output), data, shapes, threads, if_slower,
+                        max_latency_ratio)
+        )  # fmt: skip
     report.messages.extend(WARNING_PREFIX + w for w in warnings)
+    if report.status == "gate_failed":
+        raise _speed_failure(report, max_latency_ratio)
     budget = stats.get("accuracy_budget")
     if budget is not None:
         report.gates.append(
@@ -160,3 +182,77 @@ def _bench(
             f"p50 {rows[0]['p50_ms']:.3f} -> {rows[1]['p50_ms']:.3f} ms ({ratio:.2f}x)"
         ]
     return []
+
+
+def _speed_gate(
+    report: Report,
+    source: Path,
+    target: Path,
+    data: str | None,
+    shapes: dict[str, tuple[int, ...]] | None,
+    threads: int,
+    policy: str,
+    limit: float,
+) -> list[str]:
+    """Is the quantized model faster here? If not, act on `policy` (module doc)."""
+    from optimodel.data import load_data, model_input_specs
+    from optimodel.modelio import Provenance, load_model, save_model
+    from optimodel.report import model_record
+    from optimodel.runtime.paired import paired_timing
+
+    original = load_model(source)
+    batch = next(iter(load_data(data, model_input_specs(original), shapes=shapes, num_samples=1)))
+    timing = paired_timing(source, target, batch.feed, SessionConfig(threads=threads))
+    slower = timing.ratio > limit
+    gate: dict[str, Any] = {
+        "name": "latency",
+        "metric": f"p50 latency, quantized / input (CPU, {threads} thread(s), interleaved)",
+        "limit": limit,
+        "measured": round(timing.ratio, 4),
+        "unit": "ratio",
+        "passed": not slower,
+        "timing": timing.to_dict(),
+    }
+    report.gates.append(gate)
+    if not slower:
+        return []
+    said = (
+        f"the quantized model is {timing.ratio:.2f}x the input's latency on this CPU "
+        f"(p50 {timing.a_ms:.3f} -> {timing.b_ms:.3f} ms, limit {limit:g}x)"
+    )
+    gate["outcome"] = {"warn": "warned", "fail": "failed", "keep-float": "kept-float"}[policy]
+    if policy == "warn":
+        gate["action"] = "wrote the quantized model (--if-slower warn)"
+        return [said]
+    quantized = report.output_model
+    if policy == "fail":
+        _remove_output(target)
+        report.output_model = None
+        report.status = "gate_failed"
+        gate["action"] = "removed the quantized model (--if-slower fail)"
+        return [said + "; nothing was written"]
+    save_model(original, target, input_path=source, force=True,
+               provenance=Provenance.from_argv(passes=("keep-float",)))  # fmt: skip
+    report.output_model = model_record(target, original)
+    report.variants.append({"name": "quantized (not kept)", "model": quantized,
+                            "latency_ratio": round(timing.ratio, 4),
+                            "latency": report.latency,
+                            "verification": report.verification})  # fmt: skip
+    report.latency = []  # those rows timed the quantized model, which is not the output
+    described = (report.verification or {}).get("data", "no data")
+    report.verification = {"ok": True, "tolerance": "exact", "feeds": 0, "outputs": [],
+                           "violations": [], "data": f"{described}; the output is the input",
+                           "note": "the output is the input model"}  # fmt: skip
+    gate["action"] = "kept the float input model (--if-slower keep-float)"
+    return [said + f"; kept the float model instead: {target} is the input, unquantized"]
+
+
+def _speed_failure(report: Report, limit: float) -> GateFailed:
+    failure = GateFailed(
+        f"the quantized model is not faster than the input here (latency ratio "
+        f"{report.gates[-1]['measured']:.2f}x > {limit:g}x); nothing was written",
+        hint="try another --mode or --target, --exclude-op for slow layers, or "
+        "--if-slower keep-float to write the float model",
+    )
+    failure.report = report  # type: ignore[attr-defined]
+    return failure
