@@ -15,7 +15,7 @@ BATCH_RECIPE ?= default
 BATCH_MODELS  := $(wildcard $(BATCH_IN)/*.onnx)
 BATCH_TARGETS := $(patsubst $(BATCH_IN)/%.onnx,$(BATCH_OUT)/%.onnx,$(BATCH_MODELS))
 
-.PHONY: setup run test test-all lint bench batch models clean
+.PHONY: setup run test test-all lint bench bench-huge batch models clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ BENCH_STAMP := $(VENV)/.bench-installed
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/scaling.py --results benchmarks/RESULTS.md
+
+# A 2.25 GiB model through inspect, fold and quantize against peers: about 4 minutes and
+# 8 GB of temporary disk, so not part of `make bench`.
+bench-huge: $(BENCH_STAMP)
+	PYTHONPATH=. $(BIN)/python benchmarks/huge.py --gib 2.2 --results benchmarks/RESULTS.md
 
 $(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt

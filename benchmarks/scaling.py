@@ -71,9 +71,6 @@ def measure(sizes: list[int]) -> list[dict[str, float]]:
     return rows
 
 
-START, END = "<!-- scaling:start -->", "<!-- scaling:end -->"
-
-
 def table(rows: list[dict[str, float]]) -> str:
     lines = [
         "## fold on synthetic graphs: time against size",
@@ -93,12 +90,13 @@ def table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the scaling section of RESULTS.md."""
+def write_section(path: Path, text: str, name: str = "scaling") -> None:
+    """Replace (or append) one marked section (`<!-- name:start -->`) of RESULTS.md."""
     old = path.read_text() if path.exists() else ""
-    block = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new)
