@@ -26,23 +26,26 @@ def has_subgraph(node: onnx.NodeProto) -> bool:
     )
 
 
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies a node holds directly (If branches, Loop / Scan body), not nested ones."""
+    subs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            subs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            subs.extend(attr.graphs)
+    return subs
+
+
 def subgraph_references(graph: onnx.GraphProto) -> set[str]:
     """Names that nodes inside this graph's subgraphs read from outer scopes."""
     names: set[str] = set()
     for node in graph.node:
-        for attr in node.attribute:
-            subs = (
-                [attr.g]
-                if attr.type == onnx.AttributeProto.GRAPH
-                else list(attr.graphs)
-                if attr.type == onnx.AttributeProto.GRAPHS
-                else []
-            )
-            for sub in subs:
-                for inner in iter_graphs(sub):
-                    for n in inner.node:
-                        names.update(i for i in n.input if i)
-                    names.update(o.name for o in inner.output)
+        for sub in node_subgraphs(node):
+            for inner in iter_graphs(sub):
+                for n in inner.node:
+                    names.update(i for i in n.input if i)
+                names.update(o.name for o in inner.output)
     return names
 
 

@@ -249,3 +249,261 @@ def test_fold_cli_writes_verified_output_with_provenance(cli, tmp_path):
     same = cli("fold", src, "-o", src, "--force")
     assert same.exit_code == 1 and "overwrite the input" in same.output
     assert sha256(src) == before
+
+
+# ----------------------------------------------------------- If / Loop / Scan bodies
+
+
+def _body(graph: onnx.GraphProto, op: str, name: str = "body") -> onnx.GraphProto:
+    """The `name` graph attribute of the first `op` node of `graph`."""
+    node = next(n for n in graph.node if n.op_type == op)
+    return next(a.g for a in node.attribute if a.name == name)
+
+
+def _body_ops(graph: onnx.GraphProto) -> Counter[str]:
+    return Counter(n.op_type for n in graph.node)
+
+
+def _producer(graph: onnx.GraphProto, output: str) -> onnx.NodeProto | None:
+    return next((n for n in graph.node if output in n.output), None)
+
+
+def _assert_same_outputs(
+    original: onnx.ModelProto, folded: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
+) -> None:
+    onnx.checker.check_model(folded, full_check=True)
+    for feed in feeds:
+        for a, b in zip(_run(original, feed), _run(folded, feed), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+IF_MODEL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y)
+<float[4] bias = {1, 2, 3, 4}, float[2, 3] grid = {1, 2, 3, 4, 5, 6}, float zero = {0}>
+{
+    s = ReduceSum<keepdims = 0>(x)
+    c = Greater(s, zero)
+    y = If(c) <
+        then_branch = then_g () => (float[N, 4] t_out)
+        <float[4] a = {0.5, 1.5, -2, 3}, float[4] b = {2, 2, 0.25, -1}, int64 idx = {1}>
+        {
+            m = Mul(a, b)
+            shp = Shape(grid)
+            d = Gather<axis = 0>(shp, idx)
+            df = Cast<to = 1>(d)
+            ob = Add(bias, a)
+            scaled = Mul(m, df)
+            k = Add(scaled, ob)
+            t_out = Mul(x, k)
+        },
+        else_branch = else_g () => (float[N, 4] e_out)
+        <int32[4] ints = {1, -2, 3, -4}>
+        {
+            f = Cast<to = 1>(ints)
+            two = Constant<value = float {2}>()
+            g2 = Mul(f, two)
+            e_out = Sub(x, g2)
+        }
+    >
+}"""
+
+
+def test_if_branches_fold_body_outer_and_shape_constants():
+    model = parse_model(IF_MODEL)
+    result = get_pass("fold").run(model)
+    then_g = _body(result.model.graph, "If", "then_branch")
+    else_g = _body(result.model.graph, "If", "else_branch")
+    assert _body_ops(then_g) == Counter({"Mul": 1})  # only the product with run-time x
+    assert _body_ops(else_g) == Counter({"Sub": 1})
+    assert result.stats["subgraph_nodes_folded"] == 9
+    assert result.stats["folded_Shape"] == 1 and result.stats["folded_Cast"] == 2
+    # the constants the folded nodes read are gone: body ones and the outer ones alike
+    assert [t.name for t in then_g.initializer] == ["k"]
+    assert [t.name for t in else_g.initializer] == ["g2"]
+    assert {t.name for t in result.model.graph.initializer} == {"zero"}
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(then_g.initializer[0]),
+        np.array([0.5, 1.5, -2, 3]) * [2, 2, 0.25, -1] * 3 + np.array([1.5, 3.5, 1, 7]),
+    )
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((3, 4), dtype=np.float32) for _ in range(4)]
+    xs += [-x for x in xs]  # both branches taken
+    assert {bool(x.sum() > 0) for x in xs} == {True, False}
+    _assert_same_outputs(model, result.model, [{"x": x} for x in xs])
+
+
+LOOP_MODEL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x, int64 trips) => (float[N, 4] y, float[4] acc_final, float[K, 4] steps)
+<float[4] w = {0.25, -0.5, 1, 2}, float[4] start = {0, 0, 0, 0}, bool go = {1},
+ float[3, 5] box = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}>
+{
+    y, acc_final, steps = Loop(trips, go, x, start) <body = loop_body
+        (int64 i, bool cond, float[N, 4] h, float[4] acc)
+        => (bool cond_out, float[N, 4] h_out, float[4] acc_out, float[4] step)
+        <float[4] u = {1, 2, 3, 4}, float[4] v = {0.5, 0.25, -1, 0.125}, float one = {1},
+         int64 zero_i = {0}>
+        {
+            uv = Mul(u, v)
+            wu = Add(w, uv)
+            sb = Shape(box)
+            n0 = Gather<axis = 0>(sb, zero_i)
+            n0f = Cast<to = 1>(n0)
+            k = Mul(wu, n0f)
+            fi = Cast<to = 1>(i)
+            acc_out = Add(acc, one)
+            later = Greater(i, zero_i)
+            inner = If(later) <
+                then_branch = inner_then () => (float[4] tk) {
+                    c1 = Mul(w, u)
+                    c2 = Sub(c1, k)
+                    tk = Add(acc, c2)
+                },
+                else_branch = inner_else () => (float[4] ek) {
+                    c3 = Neg(w)
+                    ek = Mul(acc, c3)
+                }
+            >
+            hk = Mul(h, k)
+            h_out = Add(hk, inner)
+            step = Mul(inner, fi)
+            cond_out = Identity(cond)
+        }>
+}"""
+
+
+def test_loop_body_and_nested_if_fold_but_formal_inputs_and_carried_state_stay():
+    model = parse_model(LOOP_MODEL)
+    result = get_pass("fold").run(model)
+    body = _body(result.model.graph, "Loop")
+    inner_then = _body(body, "If", "then_branch")
+    inner_else = _body(body, "If", "else_branch")
+    for gone in ("Shape", "Gather", "Neg"):
+        assert _body_ops(body)[gone] == 0, gone
+    assert {t.name for t in body.initializer} == {"k", "zero_i", "one"}
+    # the nested If reads the Loop body's folded `k` and the main graph's `w`
+    assert _body_ops(inner_then) == Counter({"Add": 1}) and _producer(inner_then, "c2") is None
+    assert [t.name for t in inner_then.initializer] == ["c2"]
+    assert _body_ops(inner_else) == Counter({"Mul": 1})
+    # iteration number, condition and carried state are run-time values, never constants
+    for name, op in (("fi", "Cast"), ("acc_out", "Add"), ("later", "Greater"), ("step", "Mul")):
+        node = _producer(body, name)
+        assert node is not None and node.op_type == op, name
+    assert _producer(body, "cond_out") is not None
+    formal = {i.name for i in body.input}
+    assert not formal & {t.name for t in body.initializer}
+    assert result.stats["subgraph_nodes_folded"] == 9
+    rng = np.random.default_rng(1)
+    feeds = [
+        {"x": rng.standard_normal((2, 4), dtype=np.float32), "trips": np.array(n, np.int64)}
+        for n in (1, 2, 3, 5)
+    ]
+    _assert_same_outputs(model, result.model, feeds)
+    again = get_pass("fold").run(result.model)
+    assert "subgraph_nodes_folded" not in again.stats
+
+
+def test_scan_body_folds_constants_but_not_state_or_scanned_slices():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] xs) => (float[4] total, float[N, 4] ys)
+        <float[4] init = {0, 0, 0, 0}, float[4] gain = {1, -2, 3, 0.5}>
+        {
+            total, ys = Scan<num_scan_inputs = 1, body = scan_body
+                (float[4] s, float[4] row) => (float[4] s_out, float[4] y_row)
+                <float[4] half = {0.5, 0.5, 0.5, 0.5}>
+                {
+                    g2 = Mul(gain, half)
+                    sq = Mul(g2, g2)
+                    s_out = Add(s, row)
+                    y_row = Mul(row, sq)
+                }>(init, xs)
+        }"""
+    )
+    result = get_pass("fold").run(model)
+    body = _body(result.model.graph, "Scan")
+    assert _body_ops(body) == Counter({"Add": 1, "Mul": 1})
+    assert _producer(body, "s_out").input[:] == ["s", "row"]
+    assert [t.name for t in body.initializer] == ["sq"]
+    assert result.stats["subgraph_nodes_folded"] == 2
+    rng = np.random.default_rng(2)
+    feeds = [{"xs": rng.standard_normal((n, 4), dtype=np.float32)} for n in (1, 3, 6)]
+    _assert_same_outputs(model, result.model, feeds)
+
+
+def test_body_never_folds_an_overridable_outer_initializer():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x, bool c, float scale) => (float[N, 4] y)
+        <float scale = {2}>
+        {
+            y = If(c) <
+                then_branch = t () => (float[N, 4] t_out) <float two = {2}> {
+                    d = Mul(scale, two)
+                    t_out = Mul(x, d)
+                },
+                else_branch = e () => (float[N, 4] e_out) <float three = {3}> {
+                    e_out = Mul(x, three)
+                }
+            >
+        }"""
+    )
+    result = get_pass("fold").run(model)
+    then_g = _body(result.model.graph, "If", "then_branch")
+    assert _producer(then_g, "d") is not None
+    assert "subgraph_nodes_folded" not in result.stats
+    x = np.random.default_rng(3).standard_normal((2, 4), dtype=np.float32)
+    feeds = [
+        {"x": x, "c": np.array(c), "scale": np.array(s, np.float32)}
+        for c in (True, False)
+        for s in (2.0, -5.0)
+    ]
+    _assert_same_outputs(model, result.model, feeds)
+
+
+def test_body_size_cap_keeps_large_constants_as_nodes():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 1024] x, int64 trips) => (float[N, 1024] y)
+        <bool go = {1}>
+        {
+            y = Loop(trips, go, x) <body = b (int64 i, bool c, float[N, 1024] h)
+                => (bool c_out, float[N, 1024] h_out)
+                <int64[2] shape = {1024, 1024}, int64[1] axes = {0}>
+                {
+                    big = ConstantOfShape<value = float[1] {0.5}>(shape)
+                    s = ReduceSum<keepdims = 1>(big, axes)
+                    row = Gather<axis = 0>(big, i)
+                    hs = Add(h, s)
+                    h_out = Add(hs, row)
+                    c_out = Identity(c)
+                }>
+        }"""
+    )
+    capped = get_pass("fold").run(model)
+    body = _body(capped.model.graph, "Loop")
+    assert _body_ops(body)["ConstantOfShape"] == 1 and _body_ops(body)["ReduceSum"] == 0
+    assert capped.stats["kept_to_cap_size"] >= 1
+    assert capped.model.ByteSize() < 64 * 1024
+    uncapped = get_pass("fold", max_constant_bytes=1 << 30).run(model)
+    assert _body_ops(_body(uncapped.model.graph, "Loop"))["ConstantOfShape"] == 0
+    rng = np.random.default_rng(4)
+    feeds = [
+        {"x": rng.standard_normal((1, 1024), dtype=np.float32), "trips": np.array(n, np.int64)}
+        for n in (1, 3)
+    ]
+    for out in (capped.model, uncapped.model):
+        _assert_same_outputs(model, out, feeds)
+
+
+def test_control_flow_sample_folds_with_identical_outputs():
+    model = onnx.load(str(SAMPLES / "control_flow.onnx"))
+    result = get_pass("fold").run(model)
+    out = result.model
+    assert _producer(_body(out.graph, "Loop"), "loop_relu_out") is not None
+    assert [t.name for t in _body(out.graph, "If", "else_branch").initializer] == ["else_weight"]
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((n, 8), dtype=np.float32) for n in (1, 2, 4)]
+    for x in [*xs, *(-x for x in xs)]:
+        for a, b in zip(_run(model, {"x": x}), _run(out, {"x": x}), strict=True):
+            np.testing.assert_array_equal(a, b)

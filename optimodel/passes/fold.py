@@ -6,14 +6,19 @@ tensor may not grow the model by more than `max_constant_bytes`, so Tile / Expan
 ConstantOfShape results never bloat it. Identity-like nodes (Identity, inference
 Dropout, Cast to the same type, Reshape/Expand to the same shape, identity Transpose)
 are removed; duplicate initializers, common subexpressions and dead nodes go through
-onnx-ir's passes. Subgraphs of If / Loop / Scan get the clean-ups; constant folding
-runs on the main graph.
+onnx-ir's passes. Subgraphs of If / Loop / Scan get the clean-ups and constant folding
+too: inside a body a node folds when its inputs are the body's own initializers, values
+it already folded, or constants of the graphs around it, never its formal inputs (Loop
+iteration / condition / carried state, Scan slices); the results become initializers of
+that body, under the same size cap. Shape / Size resolution from static dims stays on the
+main graph.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +32,7 @@ from optimodel.graphs import (
     copy_model,
     elem_type,
     has_subgraph,
+    node_subgraphs,
     rename_all_uses,
     static_shape,
     subgraph_references,
@@ -187,14 +193,63 @@ def _evaluate(
     return dict(zip(outputs, values, strict=True))
 
 
+@dataclass
+class _FoldContext:
+    """What every scope's folding shares: the model's opsets, the size cap, the records."""
+
+    opsets: list[onnx.OperatorSetIdProto]
+    ir_version: int
+    max_bytes: int
+    stats: Counter[str]
+    largest: list[dict[str, Any]]
+
+
 def _fold_constants(
     model: onnx.ModelProto, max_bytes: int, stats: Counter[str], largest: list[dict[str, Any]]
 ) -> bool:
-    """Evaluate every node whose inputs are all constants; keep the net size in check."""
-    graph = model.graph
-    constants = _constants(graph)
-    known = set(constants)
+    """Fold the main graph, then every If / Loop / Scan body, nested bodies included."""
+    ctx = _FoldContext(list(model.opset_import), model.ir_version, max_bytes, stats, largest)
+    return _fold_scope(model.graph, {}, ctx, nested=False)
+
+
+def _fold_scope(
+    graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], ctx: _FoldContext, nested: bool
+) -> bool:
+    """Fold one graph, then the bodies of its nodes with every constant they can see.
+
+    A body sees its own initializers and the constants of the graphs around it (the main
+    graph's overridable initializers are not constants, so never reach `outer`). Its
+    formal inputs (Loop iteration / condition / carried state, Scan slices) and its node
+    outputs are run-time values: should one reuse an outer name, it hides that constant.
+    """
+
+    def visible() -> dict[str, onnx.TensorProto]:
+        defined = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+        seen = {name: t for name, t in outer.items() if name not in defined}
+        seen.update(_constants(graph))
+        return seen
+
+    changed = _fold_graph(graph, visible(), ctx, nested)
+    scope = visible()  # what this graph just folded is a constant for its bodies too
+    for node in graph.node:
+        for sub in node_subgraphs(node):
+            changed |= _fold_scope(sub, scope, ctx, nested=True)
+    return changed
+
+
+def _fold_graph(
+    graph: onnx.GraphProto,
+    constants: dict[str, onnx.TensorProto],
+    ctx: _FoldContext,
+    nested: bool,
+) -> bool:
+    """Evaluate every node whose inputs are all constants; keep the net size in check.
+
+    Results become initializers of this graph (a body's own, where ONNX Runtime finds them
+    as it finds the body's weights), so a Loop body no longer recomputes them each trip.
+    """
     foldable: list[onnx.NodeProto] = []
+    known = set(constants)
     for node in graph.node:
         ins = [i for i in node.input if i]
         if _is_foldable_op(node) and ins and all(i in known for i in ins):
@@ -202,12 +257,12 @@ def _fold_constants(
             known.update(o for o in node.output if o)
     if not foldable:
         return False
-    values = _evaluate(foldable, constants, list(model.opset_import), model.ir_version)
+    values = _evaluate(foldable, constants, ctx.opsets, ctx.ir_version)
     if not values:  # evaluate one node at a time so one bad node does not block the rest
         evaluated = dict(constants)
         for node in foldable:
             if all(i in evaluated or not i for i in node.input):
-                got = _evaluate([node], evaluated, list(model.opset_import), model.ir_version)
+                got = _evaluate([node], evaluated, ctx.opsets, ctx.ir_version)
                 for name, val in got.items():
                     values[name] = val
                     evaluated[name] = numpy_helper.from_array(np.asarray(val), name)
@@ -235,31 +290,34 @@ def _fold_constants(
             if id(node) in kept:
                 continue
             growth = nbytes(name) - sum(nbytes(i) for i in node.input if i)
-            if name in graph_outputs or (nbytes(name) > max_bytes and growth > 0):
+            if name in graph_outputs or (nbytes(name) > ctx.max_bytes and growth > 0):
                 kept.add(id(node))
                 changed = True
-                if growth > 0 and nbytes(name) > max_bytes:
-                    stats["kept_to_cap_size"] += 1
+                if growth > 0 and nbytes(name) > ctx.max_bytes:
+                    ctx.stats["kept_to_cap_size"] += 1
         if not changed:
             break
-    materialize = sorted(needed & values.keys())
     removed = [n for n in folded if id(n) not in kept]
     if not removed:
         return False
-    removed_ids = {id(n) for n in removed}
-    remaining = [n for n in graph.node if id(n) not in removed_ids]
-    for name in materialize:
+    tensors: list[onnx.TensorProto] = []
+    for name in sorted(needed & values.keys()):
         if id(producer[name]) in kept:
             continue
-        array = np.asarray(values[name])
-        try:
-            tensor = numpy_helper.from_array(array, name)
+        try:  # every tensor first: a value numpy cannot store leaves the graph untouched
+            tensors.append(numpy_helper.from_array(np.asarray(values[name]), name))
         except (TypeError, ValueError):
             return False
-        graph.initializer.append(tensor)
-        largest.append({"name": name, "op": producer[name].op_type, "bytes": int(array.nbytes)})
+    removed_ids = {id(n) for n in removed}
+    remaining = [n for n in graph.node if id(n) not in removed_ids]
+    graph.initializer.extend(tensors)
+    for tensor in tensors:
+        size, op = int(np.asarray(values[tensor.name]).nbytes), producer[tensor.name].op_type
+        ctx.largest.append({"name": tensor.name, "op": op, "bytes": size})
     for node in removed:
-        stats[f"folded_{node.op_type}"] += 1
+        ctx.stats[f"folded_{node.op_type}"] += 1
+    if nested:
+        ctx.stats["subgraph_nodes_folded"] += len(removed)
     del graph.node[:]
     graph.node.extend(remaining)
     return True
@@ -365,8 +423,20 @@ def _infer(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return value_types(inferred)
 
 
+def _drop_unused_initializers(body: onnx.GraphProto) -> None:
+    """onnx-ir drops unused initializers of the main graph only, and folding a body
+    leaves the body constants it consumed behind: unread, they would only add bytes."""
+    read = {i for n in body.node for i in n.input} | subgraph_references(body)
+    read |= {v.name for v in [*body.input, *body.output]}
+    kept = [t for t in body.initializer if t.name in read]
+    if len(kept) != len(body.initializer):
+        del body.initializer[:]
+        body.initializer.extend(kept)
+
+
 def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
-    """Common subexpressions, duplicate initializers, dead nodes: onnx-ir's own passes."""
+    """Common subexpressions, duplicate initializers, dead nodes: onnx-ir's own passes,
+    then the unread initializers of If / Loop / Scan bodies."""
     import onnx_ir as ir
     from onnx_ir.passes import common
 
@@ -389,6 +459,8 @@ def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
         if len(kept) != len(graph.value_info):
             del graph.value_info[:]
             graph.value_info.extend(kept)
+        if graph is not out.graph:
+            _drop_unused_initializers(graph)
     stats["nodes_removed_by_cse_and_dce"] += before_nodes - count_nodes(out)
     stats["initializers_removed"] += before_inits - sum(
         len(g.initializer) for g in iter_graphs(out.graph)
