@@ -155,6 +155,44 @@ def test_conv_mul_add_declines_spatial_constants():
     assert _reasons(result, "conv-mul-add") == ["constant of shape [1, 1, 5, 5] is not per-channel"]
 
 
+@pytest.mark.parametrize("op", ["Add", "Mul", "Sub", "Div"])
+def test_conv_transpose_mul_add_folds_the_bias_and_lets_bn_follow(op):
+    """Paddle2ONNX's ConvTranspose -> Add(bias) -> BatchNormalization becomes one node."""
+    const = RNG.uniform(0.5, 2, (1, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "W"], ["c"], name="up", strides=[2, 2], group=2),
+        helper.make_node(op, ["c", "k"], ["a"], name="bias"),
+        helper.make_node("BatchNormalization", ["a", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    inits = [
+        _const("W", _x(4, 2, 2, 2)),  # [C_in, C_out / group, k, k]: 4 output channels
+        _const("k", const),
+        _const("s", RNG.uniform(0.5, 2, 4).astype(np.float32)),
+        _const("b", _x(4)),
+        _const("m", _x(4)),
+        _const("v", RNG.uniform(0.5, 2, 4).astype(np.float32)),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", F, ["N", 4, 10, 10])],
+        inits,
+    )
+    result = _fuse(model)
+    assert _ops(result.model) == Counter({"ConvTranspose": 1})
+    assert result.stats["fired"]["conv-transpose-mul-add"] == 1
+    assert result.stats["fired"]["conv-bn"] == 1
+    _same_outputs(model, result.model, {"x": _x(2, 4, 5, 5)})
+    out = helper.make_tensor_value_info("a", F, ["N", 4, 10, 10])
+    spatial = _fuse(
+        _model(nodes[:2], model.graph.input, [out], [inits[0], _const("k", _x(10, 10))])
+    )
+    assert not spatial.modified
+    assert _reasons(spatial, "conv-transpose-mul-add") == [
+        "constant of shape [10, 10] is not per-channel"
+    ]
+
+
 def _pad_conv(mode: str = "constant", pads=(0, 0, 1, 2, 0, 0, 2, 1), value: float = 0.0):
     nodes = [
         helper.make_node("Pad", ["x", "pads", "v"], ["p"], name="pad", mode=mode),
@@ -311,6 +349,41 @@ def test_reshape_target_built_from_shape_becomes_constant():
     assert numpy_helper.to_array(target).tolist() == [0, 0, 2, 4]
     for batch, seq in ((1, 1), (3, 7)):
         _same_outputs(model, result.model, {"x": _x(batch, seq, 8)})
+
+
+RESHAPE_FROM_OTHER_SHAPE = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, 4, 6] x, float[C, 3] other) => (float[D, M, K] y)
+<int64[1] zero = {{0}}, int64[1] one = {{1}}, int32[1] mid = {{{mid}}}, int32[1] last = {{{last}}}>
+{{
+    s = Shape(other)
+    s32 = Cast<to = 6>(s)
+    batch = Slice(s32, zero, one, zero)
+    shape32 = Concat<axis = 0>(batch, mid, last)
+    shape = Cast<to = 7>(shape32)
+    y = Reshape(x, shape)
+}}"""
+
+
+def test_reshape_target_with_one_run_time_entry_gets_minus_one():
+    """magika (jax2tf): the batch comes from another tensor's Shape, the rest are numbers."""
+    model = parse_model(RESHAPE_FROM_OTHER_SHAPE.format(mid=2, last=12))
+    result = _fuse(model)
+    assert _ops(model)["Reshape"] == 1 and len(model.graph.node) == 6
+    assert _ops(result.model) == Counter({"Reshape": 1})
+    assert result.stats["fired"]["reshape-infer-dim"] == 1
+    target = next(t for t in result.model.graph.initializer if t.dims == [3])
+    assert numpy_helper.to_array(target).tolist() == [-1, 2, 12]
+    for batch in (1, 3, 0):  # an empty batch reshapes the same way too
+        _same_outputs(model, result.model, {"x": _x(batch, 4, 6), "other": _x(batch, 3)})
+
+
+def test_reshape_target_with_a_zero_entry_keeps_its_run_time_dim():
+    """[0, -1, ...] would make ONNX Runtime refuse an empty input the original accepts."""
+    result = _fuse(parse_model(RESHAPE_FROM_OTHER_SHAPE.format(mid=0, last=6)))
+    assert not result.modified
+    assert _reasons(result, "reshape-infer-dim") == [
+        "target also holds 0 or -1; -1 beside it would break zero-sized inputs"
+    ]
 
 
 def test_output_identity_merges_into_its_producer():
