@@ -97,7 +97,7 @@ def run_measured(args: list[str]) -> tuple[int, float, int, str]:
     return code, seconds, usage.ru_maxrss * 1024, lines[-1] if lines else ""
 
 
-def measure(folder: Path, total_bytes: int) -> list[dict[str, object]]:
+def measure(folder: Path, total_bytes: int, peers: bool = True) -> list[dict[str, object]]:
     model = folder / "huge.onnx"
     weights = make_huge_model(model, total_bytes)
     size = weights + model.stat().st_size
@@ -116,7 +116,7 @@ def measure(folder: Path, total_bytes: int) -> list[dict[str, object]]:
         ],
     }
     # peers on the same file, same process measurement
-    peers = {
+    others = {
         "peer: onnxslim": [
             sys.executable, "-m", "onnxslim", str(model), str(folder / "slim.onnx"),
             "--save-as-external-data",
@@ -129,8 +129,9 @@ def measure(folder: Path, total_bytes: int) -> list[dict[str, object]]:
         ],
     }  # fmt: skip
     if importlib.util.find_spec("onnxslim") is None:
-        del peers["peer: onnxslim"]
-    commands.update(peers)
+        del others["peer: onnxslim"]
+    if peers:
+        commands.update(others)
     outputs = {
         "fold": folder / "fold.onnx",
         "quantize --mode dynamic": folder / "int8.onnx",
@@ -189,13 +190,14 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.2, help="weight bytes, in GiB")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: temp)")
     parser.add_argument("--results", type=Path, help="RESULTS.md to update")
+    parser.add_argument("--no-peers", action="store_true", help="optimodel's commands only")
     args = parser.parse_args()
     total = int(args.gib * 2**30)
     if args.dir:
-        text = render(measure(args.dir, total))
+        text = render(measure(args.dir, total, not args.no_peers))
     else:
         with tempfile.TemporaryDirectory(prefix="optimodel-huge-") as tmp:
-            text = render(measure(Path(tmp), total))
+            text = render(measure(Path(tmp), total, not args.no_peers))
     print(text)
     if args.results:
         from benchmarks.scaling import write_section
