@@ -309,7 +309,9 @@ class PrunePass(Pass):
                 if r > 0
                 for u in la.uses
             ]
-            return self._recover(model, out, outputs=outputs, keep_zeros=True)
+            return self._recover(
+                model, out, outputs=outputs, keep_zeros=True, reselect=self.nm is None
+            )
 
         def build(ratios: list[float]) -> onnx.ModelProto:
             return refit(ratios)[0]
