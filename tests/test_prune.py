@@ -606,3 +606,47 @@ def test_saliency_mask_keeps_small_weights_on_loud_inputs(tmp_path):
     _, summary = recovery.refit(model, plain, batches, outputs=["y"], keep_zeros=True)
     magnitude_error = summary["layers"][0]["relative_error_after"]
     assert info["relative_error_after"] < magnitude_error
+
+
+# ------------------------------------------------------------------------ sensitivity
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "channel"])
+def test_sensitivity_table_prunes_each_unit_alone_at_each_level(cli, tmp_path, granularity):
+    out = tmp_path / "p.onnx"
+    result = cli("prune", SAMPLES / "digits_cnn.onnx", "-o", out, "--sparsity", "0.5",
+                 "--granularity", granularity, "--sensitivity", "0.25,0.75",
+                 "--eval-data", SAMPLES / "digits_test.npz", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stats = next(p for p in json.loads(result.stdout)["passes"] if p["name"] == "prune")["stats"]
+    table = stats["sensitivity"]
+    assert table["levels"] == [0.25, 0.75] and table["metric"] == "top1"
+    assert table["baseline"] == pytest.approx(100.0)
+    assert len(table["rows"]) >= 2
+    assert table["evaluations"] == 2 * len(table["rows"])
+    assert all(len(r["drops"]) == 2 and all(np.isfinite(r["drops"])) for r in table["rows"])
+    # pruning a layer harder costs more: the worst unit at 75% loses more than at 25%
+    worst_low = max(r["drops"][0] for r in table["rows"])
+    worst_high = max(r["drops"][1] for r in table["rows"])
+    assert worst_high > worst_low
+    # the model itself is still pruned as asked
+    assert stats["achieved_sparsity"] == pytest.approx(0.5, abs=0.07)
+    assert out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sensitivity", "0.5"], "--eval-data"),
+        (["--sensitivity", "0.5,1.5", "--eval-data", "x.npz"], "(0, 1)"),
+        (["--sensitivity", "half", "--eval-data", "x.npz"], "sparsities"),
+        (["--granularity", "2:4", "--sensitivity", "0.5", "--eval-data", "x.npz"], "unstructured"),
+    ],
+)
+def test_sensitivity_usage_errors(cli, tmp_path, extra, message):
+    out = tmp_path / "p.onnx"
+    sparsity = [] if "2:4" in extra else ["--sparsity", "0.5"]
+    result = cli("prune", SAMPLES / "digits_cnn.onnx", "-o", out, *sparsity, *extra)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()

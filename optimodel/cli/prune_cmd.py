@@ -94,6 +94,25 @@ def render_prune(stats: dict[str, Any]) -> None:
         lines.append(f"note: {stats['note']}")
     for line in lines:
         console.print(escape(line))
+    if stats.get("sensitivity"):
+        render_sensitivity(stats["sensitivity"])
+
+
+def render_sensitivity(table_data: dict[str, Any]) -> None:
+    """Drop in points per unit (rows) and sparsity (columns), worst first."""
+    levels = table_data["levels"]
+    table = Table(
+        title=escape(
+            f"Sensitivity ({table_data['metric']} drop, points; baseline "
+            f"{table_data['baseline']:.2f}; each unit alone)"
+        )
+    )
+    table.add_column("unit", overflow="fold")
+    for level in levels:
+        table.add_column(_pct(level), justify="right")
+    for row in sorted(table_data["rows"], key=lambda r: -max(r["drops"])):
+        table.add_row(escape(row["unit"]), *[f"{d:.2f}" for d in row["drops"]])
+    console.print(table)
 
 
 @handle_errors
@@ -164,7 +183,19 @@ def prune(
     eval_data: Annotated[
         str | None,
         typer.Option(
-            "--eval-data", help="Labelled .npz for --accuracy-budget.", show_default=False
+            "--eval-data",
+            help="Labelled .npz for --accuracy-budget and --sensitivity.",
+            show_default=False,
+        ),
+    ] = None,
+    sensitivity: Annotated[
+        str | None,
+        typer.Option(
+            "--sensitivity",
+            help="Sparsities such as 0.25,0.5,0.75: prune each layer (group) alone at each "
+            "and report the accuracy drop, a table to choose per-layer ratios from. Needs "
+            "--eval-data.",
+            show_default=False,
         ),
     ] = None,
     calib_data: Annotated[
@@ -216,6 +247,7 @@ def prune(
             exclude_ops=list(exclude_op or []),
             accuracy_budget=accuracy_budget,
             eval_data=eval_data,
+            sensitivity=sensitivity,
             calib_data=calib_data,
             data=data,
             shapes=shapes,

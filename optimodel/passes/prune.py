@@ -36,7 +36,7 @@ from optimodel.pruning.common import (
 )
 from optimodel.pruning.magnitude import global_counts, layer_counts, prune_unstructured
 from optimodel.pruning.nm import check_nm, parse_pattern, prune_nm
-from optimodel.pruning.search import AccuracyProbe, backoff_search, ladders
+from optimodel.pruning.search import AccuracyProbe, backoff_search, ladders, sensitivity_table
 
 GRANULARITIES = ("unstructured", "channel", "n:m")
 FIDELITY_FEEDS = 2  # random feeds when no data is given
@@ -62,6 +62,20 @@ def parse_granularity(granularity: str, pattern: str | None) -> tuple[str, tuple
     raise UsageError(
         f"unknown --granularity '{granularity}'; choose unstructured, channel, n:m or N:M (2:4)"
     )
+
+
+def parse_levels(value: Any) -> list[float]:
+    """`0.25,0.5,0.75` (or a list) -> sparsities for --sensitivity, each in (0, 1)."""
+    if value in (None, "", []):
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        levels = [float(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise UsageError(f"--sensitivity {value}: give sparsities such as 0.25,0.5,0.75") from None
+    if not levels or any(not 0.0 < v < 1.0 for v in levels):
+        raise UsageError(f"--sensitivity {value}: every level must be in (0, 1)")
+    return levels
 
 
 def _sparsity(array: np.ndarray) -> float:
@@ -122,6 +136,7 @@ class PrunePass(Pass):
         "data": None,
         "shapes": {},
         "check_rewrite": True,
+        "sensitivity": None,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -152,11 +167,17 @@ class PrunePass(Pass):
                 raise UsageError("--accuracy-budget needs --eval-data with labels")
             if float(o["accuracy_budget"]) < 0:
                 raise UsageError("--accuracy-budget must be >= 0 points")
+        self.levels = parse_levels(o["sensitivity"])
+        if self.levels and not o["eval_data"]:
+            raise UsageError("--sensitivity needs --eval-data with labels")
+        if self.levels and self.nm is not None:
+            raise UsageError("--sensitivity applies to unstructured and channel pruning")
         if int(o["channel_multiple"]) < 1:
             raise UsageError("--channel-multiple must be >= 1")
         if not 0.0 < float(o["max_layer_sparsity"]) <= 1.0:
             raise UsageError("max_layer_sparsity must be in (0, 1]")
         self._calib: list[Any] | None = None
+        self._sensitivity: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- helpers
 
@@ -228,6 +249,8 @@ class PrunePass(Pass):
             "after": total_after - zeros_after,
         }
         stats["model_sparsity"] = zeros_after / total_after if total_after else 0.0
+        if self._sensitivity is not None:
+            stats["sensitivity"] = self._sensitivity
         before, after = compressed_size(original), compressed_size(pruned)
         stats["compressed_bytes"] = {
             "before": before,
@@ -515,6 +538,11 @@ class PrunePass(Pass):
         levels: list[list[float]] | None = None,
     ) -> tuple[list[float], dict[str, Any] | None]:
         """Ratios to apply: `start`, or what the accuracy-budget search settles on."""
+        if self.levels and units:
+            probe = self._probe(model, workdir)
+            self._sensitivity = sensitivity_table(
+                units, self.levels, build, probe.drop, baseline=probe.baseline, metric=probe.metric
+            )
         budget = self.options["accuracy_budget"]
         if budget is None or not units:
             return start, None
