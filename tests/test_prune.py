@@ -390,6 +390,28 @@ def test_accuracy_budget_that_nothing_meets_is_a_gate_failure(tmp_path):
     assert info.value.exit_code == 3
 
 
+def test_keep_best_writes_the_closest_configuration_and_still_exits_3(cli, tmp_path):
+    model = SAMPLES / "mlp.onnx"
+    rng = np.random.default_rng(0)
+    features = rng.random((300, 32), dtype=np.float32)
+    (probs,) = _run(_load("mlp"), {"features": features})
+    data = tmp_path / "labels.npz"
+    np.savez(data, features=features, labels=probs.argmax(axis=1).astype(np.int64))
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    args = ["prune", model, "-o", out, "--granularity", "channel", "--sparsity", "0.9",
+            "--min-params", "0", "--accuracy-budget", "0", "--eval-data", data]  # fmt: skip
+    refused = cli(*args)
+    assert refused.exit_code == 3 and not out.exists()
+    kept = cli(*args, "--keep-best", "--report", report)
+    assert kept.exit_code == 3, kept.output
+    assert "--keep-best" in kept.output and out.exists()
+    written = json.loads(report.read_text())
+    assert written["status"] == "gate_failed"
+    search = next(p for p in written["passes"] if p["name"] == "prune")["stats"]["accuracy_search"]
+    assert not search["fits"] and search["drop"] > 0
+    onnx.checker.check_model(str(out))
+
+
 def test_recovery_on_calibration_data_wins_back_accuracy(tmp_path, capsys):
     plain, _ = _digits_channel()
     refit, stats = _digits_channel(calib_data=str(DIGITS_DATA))

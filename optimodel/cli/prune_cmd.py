@@ -188,6 +188,14 @@ def prune(
             show_default=False,
         ),
     ] = None,
+    keep_best: Annotated[
+        bool,
+        typer.Option(
+            "--keep-best",
+            help="When nothing fits --accuracy-budget, write the closest configuration "
+            "anyway (still exit 3).",
+        ),
+    ] = False,
     sensitivity: Annotated[
         str | None,
         typer.Option(
@@ -226,6 +234,7 @@ def prune(
 ) -> None:
     """Prune weights (unstructured, N:M) or whole channels; report size, MACs and fidelity."""
     from optimodel.data import parse_int_range, parse_shapes
+    from optimodel.errors import GateFailed
     from optimodel.passes import get_pass
     from optimodel.report import check_report_paths
     from optimodel.transform import transform_file
@@ -248,6 +257,7 @@ def prune(
             accuracy_budget=accuracy_budget,
             eval_data=eval_data,
             sensitivity=sensitivity,
+            keep_best=keep_best,
             calib_data=calib_data,
             data=data,
             shapes=shapes,
@@ -266,8 +276,8 @@ def prune(
         pass_timeout=pass_timeout,
         external_data=external_data,
     )
+    record = next((p for p in run.passes if p["name"] == "prune"), None)
     if not (json_out or quiet):
-        record = next((p for p in run.passes if p["name"] == "prune"), None)
         if record and record["status"] == "ok":
             render_prune(record["stats"])
             for item in record.get("declined", [])[:10]:
@@ -276,4 +286,13 @@ def prune(
                 )
             if record.get("declined_total", 0) > 10:
                 console.print(f"... and {record['declined_total'] - 10} more (see --report)")
+    search = ((record or {}).get("stats") or {}).get("accuracy_search")
+    if search is not None and not search["fits"]:  # --keep-best wrote the closest one
+        run.status = "gate_failed"
     finish_transform(run, reports, json_out, quiet)
+    if run.status == "gate_failed":
+        raise GateFailed(
+            f"no pruning within an accuracy drop of {search['budget']:g} points was found; "
+            f"wrote the closest (drop {search['drop']:.2f} points) to {output} (--keep-best)",
+            hint="allow a larger --accuracy-budget, a lower --sparsity, or exclude layers",
+        )

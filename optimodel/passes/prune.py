@@ -137,6 +137,7 @@ class PrunePass(Pass):
         "shapes": {},
         "check_rewrite": True,
         "sensitivity": None,
+        "keep_best": False,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -561,6 +562,8 @@ class PrunePass(Pass):
         summary = result.to_dict(units)
         summary["metric"] = probe.metric
         summary["budget"] = float(budget)
+        if not result.fits and self.options["keep_best"] and result.ratios:
+            return result.ratios, summary  # the closest configuration; the caller fails
         if not result.fits:
             best = "" if math.isinf(result.drop) else f"; the best kept {result.drop:.2f} points"
             raise GateFailed(

@@ -330,9 +330,12 @@ def _statistics(
     size = m_new.shape[0] + (1 if use_bias else 0)
     h, g = np.zeros((size, size)), np.zeros((size, m_new.shape[1]))
     yy, count = 0.0, 0
-    for (xo,), (xn,) in zip(x_orig, x_new, strict=True):
+    for (xo,), (xn,), batch in zip(x_orig, x_new, batches, strict=True):
         ro = _rows(before, xo.astype(np.float64))
         rn = _rows(after, xn.astype(np.float64))
+        real = _token_rows(before, xo, batch.feed)
+        if real is not None:
+            ro, rn = ro[real], rn[real]
         if ro.shape[0] > MAX_ROWS_PER_FEED:
             pick = rng.choice(ro.shape[0], MAX_ROWS_PER_FEED, replace=False)
             ro, rn = ro[pick], rn[pick]
@@ -346,6 +349,22 @@ def _statistics(
         yy += float(np.sum(y * y))
         count += rn.shape[0]
     return h, g, yy, count
+
+
+def _token_rows(layer: _Layer, x: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Rows of real tokens, for a [batch, sequence, features] input of a transformer fed
+    an attention mask: padding positions are most rows of padded calibration text and
+    would otherwise decide the fit."""
+    if layer.op == "Conv" or layer.op == "ConvTranspose" or x.ndim != 3:
+        return None
+    for name, value in feed.items():
+        if "mask" not in name.lower() or value.shape != x.shape[:2]:
+            continue
+        if value.dtype.kind not in "biu" or not np.isin(value, (0, 1)).all():
+            continue
+        real = value.reshape(-1) != 0
+        return real if real.any() and not real.all() else None
+    return None
 
 
 def _fit(
