@@ -192,6 +192,12 @@ def _has_subgraphs(model: onnx.ModelProto) -> bool:
     return sum(1 for _ in iter_graphs(model.graph)) > 1
 
 
+def _dynamic_extra(model: onnx.ModelProto) -> dict[str, Any]:
+    """quantize_dynamic's options; weights inside If / Loop / Scan bodies are quantized too
+    (ONNX Runtime's quantizer walks subgraphs only when asked, and only in dynamic mode)."""
+    return {**_DYNAMIC_EXTRA, "EnableSubgraph": _has_subgraphs(model)}
+
+
 def _node_names(model: onnx.ModelProto) -> set[str]:
     return {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
 
@@ -563,7 +569,7 @@ class QuantizePass(Pass):
             weight_type=QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8,
             nodes_to_exclude=list(self._excluded),
             use_external_data_format=big,
-            extra_options=_DYNAMIC_EXTRA,
+            extra_options=_dynamic_extra(model),
         )
         return onnx.load(str(out)), details
 
@@ -610,7 +616,7 @@ class QuantizePass(Pass):
                 [],
                 list(self._excluded),
                 ops,
-                dict(_DYNAMIC_EXTRA),
+                _dynamic_extra(model),
             )
             quantizer.quantize_model()
         return quantizer.model.model
@@ -786,8 +792,8 @@ class QuantizePass(Pass):
                 "nothing was quantized"
                 + (f": {left} weighted layer(s) stay in float" if left else "")
                 + (
-                    " (layers inside If/Loop bodies are out of reach)"
-                    if _has_subgraphs(result)
+                    " (layers inside If/Loop bodies: only --mode dynamic reaches them)"
+                    if _has_subgraphs(result) and o["mode"] != "dynamic"
                     else ""
                 )
                 + (" (Conv is left to --mode static on the CPU)" if dynamic_convs else "")
