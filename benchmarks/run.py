@@ -230,9 +230,24 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - started,
     }
     json_path.write_text(json.dumps(_relative(report), indent=1, default=str) + "\n")
-    args.out.write_text(render.markdown(_relative(report)))
+    kept = _later_sections(args.out)
+    args.out.write_text(render.markdown(_relative(report)).rstrip() + "\n" + kept)
     print(f"wrote {args.out} and {json_path} in {report['total_seconds']:.0f} s", flush=True)
     return 0
+
+
+# Sections after the main run (other runs, scaling, the >2 GB model) written by other
+# scripts or runs: a new main run keeps them as they are.
+LATER = ("## Additional runs", "<!-- scaling:start -->", "<!-- huge:start -->")
+
+
+def _later_sections(path: Path) -> str:
+    """The part of an existing RESULTS.md from its first later section on ("" if none)."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    starts = [text.find(marker) for marker in LATER if marker in text]
+    return "\n" + text[min(starts) :] if starts else ""
 
 
 def _relative(value: Any) -> Any:
