@@ -51,7 +51,7 @@ def quantize(
         bool | None,
         typer.Option(
             "--per-channel/--per-tensor",
-            help="Weight scales per output channel (static default) or per tensor (dynamic).",
+            help="Weight scales per output channel (default) or per tensor.",
             show_default=False,
         ),
     ] = None,

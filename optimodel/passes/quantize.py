@@ -265,11 +265,12 @@ class QuantizePass(Pass):
         for key, value in MODE_DEFAULTS.items():
             if o[key] is None:
                 o[key] = value
-        # Per-channel weights by default for static: per-tensor lost too much on real CNNs
-        # (PP-OCR rec output cosine 0.77 per-tensor, 0.96 per-channel) at no measured cost.
+        # Per-channel weights by default: per-tensor lost too much on real models (static
+        # PP-OCR rec output cosine 0.77 per-tensor, 0.96 per-channel; dynamic MiniLM
+        # embedding cosine 0.962 -> 0.993, magika top-1 98.4% -> 100%) at no measured cost.
         self.per_channel_asked = o["per_channel"] is not None or o["target"] == "tensorrt"
         if o["per_channel"] is None:
-            o["per_channel"] = mode == "static"
+            o["per_channel"] = mode in ("static", "dynamic")
         if o["target"] == "tensorrt":
             o["per_channel"] = True
         for key, choices in (
