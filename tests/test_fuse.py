@@ -193,6 +193,61 @@ def test_conv_transpose_mul_add_folds_the_bias_and_lets_bn_follow(op):
     ]
 
 
+def _conv_act(op: str, inputs_extra=(), shared: bool = False, **attrs):
+    weight = _const("W", RNG.standard_normal((6, 3, 3, 3)).astype(np.float32))
+    bias = _const("B", RNG.standard_normal(6).astype(np.float32))
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(op, ["c", *[i.name for i in inputs_extra]], ["y"], name="act", **attrs),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])]
+    if shared:
+        nodes.append(helper.make_node("Neg", ["c"], ["z"], name="other"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 6, 8, 8]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    return _model(nodes, [x], outputs, [weight, bias, *inputs_extra])
+
+
+@pytest.mark.parametrize(
+    ("op", "extra", "attrs"),
+    [
+        ("Relu", (), {}),
+        ("Sigmoid", (), {}),
+        ("Tanh", (), {}),
+        ("LeakyRelu", (), {"alpha": 0.1}),
+        ("HardSigmoid", (), {"alpha": 0.16666, "beta": 0.5}),
+        ("Clip", (_const("lo", np.float32(0.0)), _const("hi", np.float32(6.0))), {}),
+    ],
+)
+def test_conv_activation_becomes_fused_conv_for_ort_only(op, extra, attrs):
+    model = _conv_act(op, extra, **attrs)
+    fused = _fuse(model, target="ort")
+    assert _ops(fused.model) == {"FusedConv": 1}
+    node = fused.model.graph.node[0]
+    assert node.domain == "com.microsoft"
+    onnx.checker.check_model(fused.model)
+    _same_outputs(model, fused.model, {"x": _x(1, 3, 8, 8)})
+    portable = _fuse(model, target="portable")
+    assert _ops(portable.model) == {"Conv": 1, op: 1}
+
+
+def test_conv_activation_declines_a_shared_conv_output_and_variable_clip_bounds():
+    shared = _fuse(_conv_act("Relu", shared=True), target="ort")
+    assert "FusedConv" not in _ops(shared.model)
+    assert any("other readers" in r for r in _reasons(shared, "conv-activation"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    hi = helper.make_tensor_value_info("hi", TensorProto.FLOAT, [])
+    weight = _const("W", RNG.standard_normal((6, 3, 3, 3)).astype(np.float32))
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Clip", ["c", "", "hi"], ["y"], name="act"),
+    ]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 6, 6])
+    variable = _fuse(_model(nodes, [x, hi], [out], [weight]), target="ort")
+    assert "FusedConv" not in _ops(variable.model)
+    assert any("not constants" in r for r in _reasons(variable, "conv-activation"))
+
+
 def _pad_conv(mode: str = "constant", pads=(0, 0, 1, 2, 0, 0, 2, 1), value: float = 0.0):
     nodes = [
         helper.make_node("Pad", ["x", "pads", "v"], ["p"], name="pad", mode=mode),
