@@ -35,6 +35,9 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...]
+    # rows of the table an integer input indexes (Gather of an embedding): random ids stay
+    # below it, so token_type_ids of a 2-row table get 0 or 1, not 0..255
+    index_limit: int | None = None
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
@@ -64,9 +67,46 @@ def _value_info_dtype(value: onnx.ValueInfoProto) -> np.dtype:
         raise DataError(f"input '{value.name}' has an unsupported element type {elem}") from exc
 
 
+_PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
+
+
+def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """For each graph input used as Gather indices into a constant table, the table's rows
+    along the gathered axis (the smallest such table), followed through shape-only ops."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tables[node.output[0]] = list(node.attribute[0].t.dims)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    limits: dict[str, int] = {}
+    for value in model.graph.input:
+        frontier, seen = [value.name], set()
+        for _ in range(4):  # a few pass-through hops at most
+            following = []
+            for name in frontier:
+                for node in readers.get(name, []):
+                    if id(node) in seen:
+                        continue
+                    seen.add(id(node))
+                    if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
+                        dims = tables.get(node.input[0])
+                        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                        if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                            rows = int(dims[axis])
+                            limits[value.name] = min(limits.get(value.name, rows), rows)
+                    elif node.op_type in _PASS_THROUGH and node.input[0] == name:
+                        following.append(node.output[0])
+            frontier = following
+    return limits
+
+
 def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a caller must feed: graph inputs that are not initializers."""
     initializers = {init.name for init in model.graph.initializer}
+    limits = _index_limits(model)
     specs = []
     for value in model.graph.input:
         if value.name in initializers:
@@ -75,7 +115,14 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             raise DataError(
                 f"input '{value.name}' is not a tensor; only tensor inputs are supported"
             )
-        specs.append(InputSpec(value.name, _value_info_dtype(value), _value_info_shape(value)))
+        specs.append(
+            InputSpec(
+                value.name,
+                _value_info_dtype(value),
+                _value_info_shape(value),
+                limits.get(value.name),
+            )
+        )
     return specs
 
 
@@ -327,7 +374,8 @@ def random_feed(
     batch_size: int = 1,
     int_range: tuple[int, int] = (0, 255),
 ) -> dict[str, np.ndarray]:
-    """One synthetic feed: floats uniform in [0, 1), integers uniform in int_range."""
+    """One synthetic feed: floats uniform in [0, 1), integers uniform in int_range (and
+    below the table size for inputs that index an embedding table)."""
     feed = {}
     for spec in specs:
         shape = resolve_shape(spec, shapes, batch_size)
@@ -342,6 +390,9 @@ def random_feed(
         elif spec.dtype.kind in "iu":
             info = np.iinfo(spec.dtype)
             low, high = max(int_range[0], int(info.min)), min(int_range[1], int(info.max))
+            if spec.index_limit is not None:  # ids into a table: keep them in it
+                low, high = max(low, 0), min(high, spec.index_limit - 1)
+                high = max(high, low)
             feed[spec.name] = rng.integers(low, high + 1, size=shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             feed[spec.name] = rng.random(shape) < 0.5

@@ -119,3 +119,46 @@ def test_bad_files_and_folders(tmp_path, digits_specs):
         load_data("random", digits_specs, shapes={"image": (1, 1, 8, 8)})
     with pytest.raises(DataError, match="conflicts"):
         load_data("random", digits_specs, shapes={"input": (1, 3, 8, 8)})
+
+
+def test_random_ids_stay_inside_the_table_they_index():
+    """token_type_ids into a 2-row table get 0/1 (a 0..255 id would crash the Gather);
+    ids into a big vocabulary keep the usual range; other ints are left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Gather", ["vocab", "tokens"], ["t"]),
+        helper.make_node("Cast", ["types"], ["cast"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["segment", "cast"], ["s"]),
+        helper.make_node("Add", ["t", "s"], ["y"]),
+        helper.make_node("Identity", ["other"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ids",
+        [
+            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", 8]),
+            helper.make_tensor_value_info("types", TensorProto.INT32, ["N", 8]),
+            helper.make_tensor_value_info("other", TensorProto.INT64, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4]),
+            helper.make_tensor_value_info("z", TensorProto.INT64, ["N"]),
+        ],
+        [
+            numpy_helper.from_array(np.ones((1000, 4), np.float32), "vocab"),
+            numpy_helper.from_array(np.ones((2, 4), np.float32), "segment"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    specs = {s.name: s for s in model_input_specs(model)}
+    assert specs["tokens"].index_limit == 1000
+    assert specs["types"].index_limit == 2
+    assert specs["other"].index_limit is None
+    feed = next(iter(load_data("random", list(specs.values()), batch_size=64))).feed
+    assert set(np.unique(feed["types"])) <= {0, 1}
+    assert feed["tokens"].max() > 1 and feed["other"].max() > 1
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session.run(None, feed)  # runs: no id outside its table
