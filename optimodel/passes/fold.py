@@ -416,8 +416,13 @@ def _eliminate_noops(
 
 
 def _infer(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    # without the big weights: inference serializes what it gets, and no shape reads them
+    from optimodel.fusions import shapes_only
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            shapes_only(model), strict_mode=False, data_prop=True
+        )
     except Exception:  # shape inference failing must not stop folding; work without types
         return value_types(model)
     return value_types(inferred)
