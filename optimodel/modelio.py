@@ -500,6 +500,7 @@ def _refuse_overwriting_sources(model: onnx.ModelProto, data_path: Path) -> None
 
 _COPY_CHUNK = 16 << 20
 _PAGE = 4096
+_MAP_MIN_BYTES = 1 << 16
 
 
 def write_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
@@ -507,7 +508,7 @@ def write_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
 
     External tensors are copied file to file in chunks; in-memory tensors of at least
     `EXTERNAL_TENSOR_MIN_BYTES` are written out too; all land in one `data_name` file
-    beside `path`, page-aligned so ONNX Runtime can map them.
+    beside `path`, large ones page-aligned so ONNX Runtime can map them.
     """
     light = onnx.ModelProto()
     light.CopyFrom(model)
@@ -522,7 +523,7 @@ def write_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
                 source = folder / info.get("location", "")
                 offset = int(info.get("offset", "0") or 0)
                 length = int(info.get("length") or source.stat().st_size - offset)
-                start = _pad_to_page(out)
+                start = _align(out, length)
                 with open(source, "rb") as handle:
                     handle.seek(offset)
                     left = length
@@ -533,8 +534,8 @@ def write_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
                         out.write(chunk)
                         left -= len(chunk)
             elif len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
-                start = _pad_to_page(out)
                 length = len(tensor.raw_data)
+                start = _align(out, length)
                 out.write(tensor.raw_data)
                 tensor.ClearField("raw_data")
             else:
@@ -548,9 +549,11 @@ def write_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
     path.write_bytes(light.SerializeToString())
 
 
-def _pad_to_page(handle: BinaryIO) -> int:
+def _align(handle: BinaryIO, length: int) -> int:
+    """Pad to where the next tensor starts: a page for large ones (ONNX Runtime maps
+    those), 64 bytes for the rest (so many small tensors do not grow the file)."""
     position = handle.tell()
-    padding = -position % _PAGE
+    padding = -position % (_PAGE if length >= _MAP_MIN_BYTES else 64)
     if padding:
         handle.write(b"\0" * padding)
     return position + padding
