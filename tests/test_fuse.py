@@ -231,6 +231,35 @@ def test_conv_activation_becomes_fused_conv_for_ort_only(op, extra, attrs):
     assert _ops(portable.model) == {"Conv": 1, op: 1}
 
 
+@pytest.mark.parametrize("op", ["Relu", "HardSigmoid", "Clip", "LeakyRelu"])
+def test_fused_conv_expands_back_for_passes_that_read_conv(op):
+    from optimodel.fusions.conv_activation import expand_fused_conv
+
+    extra = (_const("lo", np.float32(0.0)), _const("hi", np.float32(6.0))) if op == "Clip" else ()
+    model = _conv_act(op, extra)
+    fused = _fuse(model, target="ort").model
+    expanded = onnx.ModelProto()
+    expanded.CopyFrom(fused)
+    assert expand_fused_conv(expanded) == 1
+    assert _ops(expanded) == {"Conv": 1, op: 1}
+    onnx.checker.check_model(expanded, full_check=True)
+    _same_outputs(model, expanded, {"x": _x(1, 3, 8, 8)})
+
+
+def test_fuse_then_quantize_static_works_on_the_digits_cnn(tmp_path):
+    """FusedConv from `fuse --target ort` does not block static int8 afterwards."""
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    fused = _fuse(model, target="ort").model
+    assert _ops(fused)["FusedConv"] > 0
+    quantized = get_pass("quantize", mode="static", calib_data=str(SAMPLES / "digits_test.npz"))
+    result = quantized.run(fused)
+    assert result.stats["quantized_total"] > 0 and "FusedConv" not in _ops(result.model)
+    data = np.load(SAMPLES / "digits_test.npz", allow_pickle=False)
+    before = _run(model, {"input": data["input"]})[0]
+    after = _run(result.model, {"input": data["input"]})[0]
+    assert (after.argmax(1) == before.argmax(1)).mean() > 0.97
+
+
 def test_conv_activation_declines_a_shared_conv_output_and_variable_clip_bounds():
     shared = _fuse(_conv_act("Relu", shared=True), target="ort")
     assert "FusedConv" not in _ops(shared.model)
@@ -290,7 +319,7 @@ def test_pad_conv_declines(kwargs, reason):
 
 def test_digits_cnn_fuses_every_batchnorm_with_identical_predictions():
     model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
-    result = _fuse(model)
+    result = _fuse(model, target="portable")  # `ort` also turns Conv + Relu into FusedConv
     assert result.stats["fired"]["conv-bn"] == 4
     assert _ops(result.model)["BatchNormalization"] == 0
     assert len(result.model.graph.node) == len(model.graph.node) - 4

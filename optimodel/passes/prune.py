@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from optimodel.errors import GateFailed, OptimodelError, UsageError
+from optimodel.fusions.conv_activation import expand_fused_conv
 from optimodel.graphs import copy_model
 from optimodel.modelio import tensor_array
 from optimodel.passes.base import Pass, PassResult, register_pass
@@ -234,6 +235,7 @@ class PrunePass(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         original = copy_model(model)
+        expand_fused_conv(original)  # channel rules and re-fits read Conv, not FusedConv
         with tempfile.TemporaryDirectory(prefix="optimodel-prune-") as workdir:
             if self.kind == "channel":
                 pruned, stats, declined = self._channel(original, workdir)

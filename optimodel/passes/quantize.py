@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto
 
 from optimodel.errors import OptimodelError, UsageError
+from optimodel.fusions.conv_activation import expand_fused_conv
 from optimodel.graphs import copy_model
 from optimodel.modelio import (
     EXTERNAL_DATA_THRESHOLD,
@@ -357,7 +358,11 @@ class QuantizePass(Pass):
         self._per_channel = bool(self.options["per_channel"])
         warnings: list[str] = []
         steps: list[str] = []
-        work = prepare.fold(copy_model(model))
+        work = copy_model(model)
+        expanded = expand_fused_conv(work)
+        if expanded:  # ORT's quantizers know Conv, not its fused form
+            steps.append(f"{expanded} FusedConv -> Conv + activation")
+        work = prepare.fold(work)
         steps.append("fold")
         if mode != "weight-only":
             work, how = prepare.fold_batchnorm(work)
