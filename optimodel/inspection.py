@@ -18,6 +18,7 @@ from onnx import helper
 
 from optimodel.data import model_input_specs, resolve_shape
 from optimodel.modelio import (
+    FOLDER_KEY,
     count_nodes,
     external_data_files,
     external_folder,
@@ -284,7 +285,9 @@ def inspect_model(
             "macs": estimate_macs(model, shapes),
             "custom_domains": dict(domains.most_common()),
             "subgraphs": _subgraphs(model.graph),
-            "metadata": {p.key: p.value for p in model.metadata_props},
+            "metadata": {
+                p.key: p.value for p in model.metadata_props if p.key != FOLDER_KEY
+            },  # the lazy-load folder is optimodel's bookkeeping, not the model's
             "provenance": read_provenance(model),
         }
     )

@@ -184,6 +184,7 @@ def test_inspect_reads_weights_one_at_a_time(cli, lazy, mlp):
     data = json.loads(result.stdout)
     assert data["parameters"]["count"] >= 4 * WIDTH * WIDTH
     assert data["parameters"]["sparsity"] == 0.0  # weights read one at a time
+    assert modelio.FOLDER_KEY not in data["metadata"]  # no machine path in the output
 
 
 @pytest.mark.slow
