@@ -580,7 +580,14 @@ def test_conv_transpose_is_refit_and_gets_closer_to_the_dense_layer(tmp_path):
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((8, 6, 2, 2)).astype(np.float32)
     model = _single_layer("ConvTranspose", weight, kernel_shape=[2, 2], strides=[2, 2])
-    feeds = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(4)]
+    mix = rng.standard_normal((8, 3))  # real activations are correlated: 8 channels, 3 causes
+
+    def sample() -> np.ndarray:
+        latent = rng.standard_normal((1, 3, 6, 6))
+        x = np.einsum("ck,bkhw->bchw", mix, latent) + 0.05 * rng.standard_normal((1, 8, 6, 6))
+        return x.astype(np.float32)
+
+    feeds = [{"x": sample()} for _ in range(4)]
     calib = _calib_folder(tmp_path, "calib", feeds)
     plain = get_pass("prune", sparsity=0.5, min_params=1).run(model)
     refit = get_pass("prune", sparsity=0.5, min_params=1, calib_data=calib).run(model)
@@ -590,7 +597,7 @@ def test_conv_transpose_is_refit_and_gets_closer_to_the_dense_layer(tmp_path):
         and layers[0]["relative_error_after"] < layers[0]["relative_error_before"]
     )
     assert refit.stats["achieved_sparsity"] == pytest.approx(0.5, abs=0.005)
-    held_out = {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+    held_out = {"x": sample()}
     (dense,) = _run(model, held_out)
     assert _cosine(_run(refit.model, held_out)[0], dense) > _cosine(
         _run(plain.model, held_out)[0], dense
