@@ -8,11 +8,13 @@ anything else would change the output shape or mix spatial positions.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import onnx
 
 from optimodel.fusions import GraphView, Pattern, Rewrite, register
-from optimodel.fusions.conv_bn import conv_params, replace_conv, scale_weight
+from optimodel.fusions.conv_bn import conv_params, output_channels, replace_conv, scale_weight
 
 
 def per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
@@ -32,6 +34,7 @@ class ConvMulAdd(Pattern):
     anchors = ("Mul", "Add", "Sub", "Div")
     order = 25
     summary = "Conv followed by Mul/Add/Sub/Div by a per-channel constant folded into it"
+    conv_op: ClassVar[str] = "Conv"  # the producer this pattern folds into
 
     def match(self, view: GraphView, node: onnx.NodeProto) -> Rewrite | str | None:
         if len(node.input) != 2:
@@ -39,7 +42,7 @@ class ConvMulAdd(Pattern):
         sides = (0, 1) if node.op_type in ("Mul", "Add") else (0,)
         conv = None
         for side in sides:
-            conv = view.producer(node.input[side], "Conv")
+            conv = view.producer(node.input[side], self.conv_op)
             if conv is not None:
                 const_name = node.input[1 - side]
                 break
@@ -49,14 +52,14 @@ class ConvMulAdd(Pattern):
         if value is None:
             return None  # a residual Add of two tensors, not this pattern
         if not view.only_reader(conv.output[0], node):
-            return "Conv output has other consumers"
+            return f"{self.conv_op} output has other consumers"
         found = conv_params(view, conv)
         if isinstance(found, str):
             return found
         weight, bias = found
         if value.dtype != weight.dtype:
             return f"constant dtype {value.dtype} differs from the weight's {weight.dtype}"
-        channels = int(weight.shape[0])
+        channels = output_channels(conv, weight)
         vec = per_channel(value, weight.ndim, channels)
         if vec is None:
             return f"constant of shape {list(value.shape)} is not per-channel"

@@ -113,13 +113,19 @@ def quantize(
             f"{after['bytes']:,} bytes)"
         )
     if bench or if_slower:
-        said = _bench(report, Path(model), Path(output), data, shapes, threads, runs)
+        from optimodel.data import load_data, model_input_specs
+        from optimodel.modelio import load_model
+
+        original = load_model(model)  # the timing feed; also what keep-float writes
+        specs = model_input_specs(original)
+        feed = next(iter(load_data(data, specs, shapes=shapes, num_samples=1))).feed
+        said = _bench(report, Path(model), Path(output), feed, threads, runs)
         warnings.extend([] if if_slower else said)  # the speed gate says it, interleaved
-    if if_slower:
-        warnings.extend(
-            _speed_gate(report, Path(model), Path(output), data, shapes, threads, if_slower,
-                        max_latency_ratio)
-        )  # fmt: skip
+        if if_slower:
+            warnings.extend(
+                _speed_gate(report, Path(model), Path(output), original, feed, threads,
+                            if_slower, max_latency_ratio)
+            )  # fmt: skip
     report.messages.extend(WARNING_PREFIX + w for w in warnings)
     if report.status == "gate_failed":
         raise _speed_failure(report, max_latency_ratio)
@@ -157,21 +163,16 @@ def _bench(
     report: Report,
     source: Path,
     target: Path,
-    data: str | None,
-    shapes: dict[str, tuple[int, ...]] | None,
+    feed: dict[str, Any],
     threads: int,
     runs: int,
 ) -> list[str]:
     """CPU latency of input and output on one feed; a warning if quantizing made it slower."""
-    from optimodel.data import load_data, model_input_specs
-    from optimodel.modelio import load_model
     from optimodel.runtime.bench import add_ratios, benchmark_model
 
-    specs = model_input_specs(load_model(source))
-    batch = next(iter(load_data(data, specs, shapes=shapes, num_samples=1)))
     config = SessionConfig(threads=threads)
     rows = [
-        benchmark_model(path, config, batch.feed, runs=runs, warmup=max(3, runs // 10))
+        benchmark_model(path, config, feed, runs=runs, warmup=max(3, runs // 10))
         for path in (source, target)
     ]
     report.latency = add_ratios(rows)
@@ -188,21 +189,18 @@ def _speed_gate(
     report: Report,
     source: Path,
     target: Path,
-    data: str | None,
-    shapes: dict[str, tuple[int, ...]] | None,
+    original: Any,
+    feed: dict[str, Any],
     threads: int,
     policy: str,
     limit: float,
 ) -> list[str]:
-    """Is the quantized model faster here? If not, act on `policy` (module doc)."""
-    from optimodel.data import load_data, model_input_specs
-    from optimodel.modelio import Provenance, load_model, save_model
+    """Is the quantized model faster here? If not, act on `policy` (`quantize` doc)."""
+    from optimodel.modelio import Provenance, save_model
     from optimodel.report import model_record
     from optimodel.runtime.paired import paired_timing
 
-    original = load_model(source)
-    batch = next(iter(load_data(data, model_input_specs(original), shapes=shapes, num_samples=1)))
-    timing = paired_timing(source, target, batch.feed, SessionConfig(threads=threads))
+    timing = paired_timing(source, target, feed, SessionConfig(threads=threads))
     slower = timing.ratio > limit
     gate: dict[str, Any] = {
         "name": "latency",
