@@ -238,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
 
 # Sections after the main run (other runs, scaling, the >2 GB model) written by other
 # scripts or runs: a new main run keeps them as they are.
-LATER = ("## Additional runs", "<!-- scaling:start -->", "<!-- huge:start -->")
+LATER = (
+    "## Additional runs",
+    "<!-- scaling:start -->",
+    "<!-- huge:start -->",
+    "<!-- gpu:start -->",
+)
 
 
 def _later_sections(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import typer
 from typer.testing import CliRunner
@@ -96,3 +97,36 @@ def test_version_tuple() -> None:
     assert version_tuple("1.19.2") == (1, 19, 2)
     assert version_tuple("2.0.0rc1") == (2, 0, 0)
     assert version_tuple(None) == ()
+
+
+def test_provider_probe_starts_a_real_session_and_says_why_not() -> None:
+    import onnxruntime as ort
+
+    from optimodel.runtime.provider_probe import probe_provider
+
+    assert probe_provider("CPUExecutionProvider") is None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "not in this ONNX Runtime build" in (probe_provider("CUDAExecutionProvider") or "")
+
+
+def test_provider_failure_reason_is_read_from_what_onnxruntime_prints() -> None:
+    from optimodel.runtime.provider_probe import captured_output, failure_reason
+
+    log = (
+        "\x1b[1;31m2026-11-22 18:35:52 [E:onnxruntime:Default, provider_bridge_ort.cc:2430] "
+        "Failed to load library libonnxruntime_providers_tensorrt.so with error: "
+        "libnvinfer.so.10: cannot open shared object file: No such file or directory\n\x1b[m\n"
+        "*************** EP Error ***************\nEP Error Please install TensorRT libraries\n"
+        " when using ['TensorrtExecutionProvider']\n"
+    )
+    with captured_output() as text:
+        os.write(2, log.encode())
+        print("from python")
+    assert "from python" in text[0] and "libnvinfer" in text[0]
+    assert failure_reason(text[0]) == (
+        "libnvinfer.so.10: cannot open shared object file: No such file or directory"
+    )
+    assert failure_reason("EP Error CUDA failure 100: no CUDA-capable device\n when using") == (
+        "CUDA failure 100: no CUDA-capable device"
+    )
+    assert failure_reason("nothing telling") is None

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from optimodel.runtime.paired import paired_timing
 from tests.conftest import SAMPLES, sha256
@@ -99,3 +100,35 @@ def test_paired_timing_interleaves_rounds(tmp_path):
     assert timing.rounds == 3 and timing.runs_per_round >= 3
     assert timing.a_ms > 0 and timing.b_ms > 0 and timing.ratio > 0
     assert set(timing.to_dict()) >= {"a_p50_ms", "b_p50_ms", "ratio", "method"}
+
+
+def _cuda_starts() -> bool:
+    from optimodel.runtime.provider_probe import probe_provider
+
+    return probe_provider("CUDAExecutionProvider") is None
+
+
+def test_gate_for_a_gpu_target_needs_that_gpu_and_says_so_before_any_work(cli, tmp_path):
+    """A CPU timing says nothing of a --target cuda model: no GPU here is a usage error."""
+    if _cuda_starts():
+        pytest.skip("CUDA starts here")
+    out = tmp_path / "q.onnx"
+    before = sha256(MLP)
+    result = cli("quantize", MLP, "--mode", "static", "--target", "cuda", "-o", out,
+                 "--calib-data", "random", "--if-slower", "fail")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "cuda provider does not start here" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and sha256(MLP) == before
+
+
+def test_bench_for_a_gpu_target_without_it_times_the_cpu_and_says_so(cli, tmp_path):
+    if _cuda_starts():
+        pytest.skip("CUDA starts here")
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", MLP, "--mode", "static", "--target", "cuda", "-o", out,
+                 "--calib-data", "random", "--bench", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any("timed on the CPU" in m and "not CUDA figures" in m for m in report["messages"])
+    assert len(report["latency"]) == 2

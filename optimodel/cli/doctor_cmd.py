@@ -26,8 +26,14 @@ def render_doctor(info: dict[str, Any]) -> None:
     providers = Table(title="Execution providers")
     providers.add_column("provider")
     providers.add_column("available")
+    problems = info.get("provider_problems", {})
     for key, available in info["provider_support"].items():
-        providers.add_row(key, "[green]yes[/]" if available else "no")
+        if available:
+            providers.add_row(key, "[green]yes[/]")
+        elif key in problems:
+            providers.add_row(key, f"[red]listed, cannot start:[/] {escape(problems[key])}")
+        else:
+            providers.add_row(key, "no")
     others = [p for p in info["providers"] if p not in _KNOWN]
     if others:
         providers.add_row("other", escape(", ".join(others)))

@@ -148,7 +148,11 @@ def quantize(
     ] = False,
     bench: Annotated[
         bool,
-        typer.Option("--bench", help="Time input and output on the CPU; warn if it got slower."),
+        typer.Option(
+            "--bench",
+            help="Time input and output on the --target's provider (the CPU when it "
+            "does not start here, said so); warn if it got slower.",
+        ),
     ] = False,
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Intra-op threads for --bench.")
@@ -157,8 +161,9 @@ def quantize(
         str | None,
         _opt(
             "--if-slower",
-            help="Time input and output here; if the output is slower than "
-            "--max-latency-ratio: warn, keep-float (write the input model) or fail (exit 3).",
+            help="Time input and output on the --target's provider (which must start "
+            "here); if the output is slower than --max-latency-ratio: warn, keep-float "
+            "(write the input model) or fail (exit 3).",
         ),
     ] = None,
     max_latency_ratio: Annotated[

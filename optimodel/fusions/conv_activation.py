@@ -1,10 +1,12 @@
-"""conv-activation: Conv followed by its activation becomes ONNX Runtime's FusedConv.
+"""conv-activation: Conv followed by Relu becomes ONNX Runtime's FusedConv.
 
 ONNX Runtime does this itself when it loads a model at its default level; writing it
 offline (`--target ort` only: FusedConv is a com.microsoft op other runtimes lack) gives
-the node count its EXTENDED offline optimizer reaches, in a file that still passes the
-ONNX checker. The activations are the ones FusedConv's CPU kernel applies: Relu, Tanh,
-Sigmoid, LeakyRelu (alpha), HardSigmoid (alpha, beta) and Clip with constant bounds.
+a smaller graph that still passes the ONNX checker. Only Relu is fused: FusedConv's CPU
+kernel also applies Tanh, Sigmoid, LeakyRelu, HardSigmoid and Clip, but its CUDA kernel
+refuses to load anything but Relu (measured: a FusedConv with HardSigmoid stops the CUDA
+session from starting), and a `--target ort` model must run on every ONNX Runtime
+provider. The CPU provider fuses those activations itself at load time.
 The Conv output must feed the activation alone and not be a graph output.
 """
 
@@ -21,42 +23,17 @@ MS_DOMAIN = "com.microsoft"
 FUSED_TYPES = {onnx.TensorProto.FLOAT}
 
 
-def _activation(view: GraphView, node: onnx.NodeProto) -> tuple[str, list[float]] | str | None:
-    """FusedConv's (activation, activation_params) for `node`, a reason, or None."""
-    op = node.op_type
-    if op in ("Relu", "Tanh", "Sigmoid"):
-        return op, []
-    if op == "LeakyRelu":
-        return op, [float(attr(node, "alpha", 0.01))]
-    if op == "HardSigmoid":
-        return op, [float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5))]
-    if op == "Clip":
-        if len(node.input) == 1 and view.opset < 11:  # bounds as attributes before opset 11
-            low = attr(node, "min", float(np.finfo(np.float32).min))
-            high = attr(node, "max", float(np.finfo(np.float32).max))
-            return op, [float(low), float(high)]  # type: ignore[arg-type]
-        bounds = []
-        for index, default in ((1, np.finfo(np.float32).min), (2, np.finfo(np.float32).max)):
-            name = node.input[index] if len(node.input) > index else ""
-            if not name:
-                bounds.append(float(default))
-                continue
-            value = view.scalar(name)
-            if value is None:
-                return "Clip bounds are not constants"
-            bounds.append(value)
-        return op, bounds
-    return None
+CPU_ONLY = ("Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Clip")
 
 
 @register
 class ConvActivation(Pattern):
     name = "conv-activation"
     group = "cnn"
-    anchors = ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Clip")
+    anchors = ("Relu", *CPU_ONLY)
     targets = ("ort",)
     order = 90  # after the Conv + BN / Mul / Add / Pad fusions have settled each Conv
-    summary = "Conv + Relu / Sigmoid / Tanh / LeakyRelu / HardSigmoid / Clip -> FusedConv (ort)"
+    summary = "Conv + Relu -> FusedConv (ort)"
 
     def match(self, view: GraphView, node: onnx.NodeProto) -> Rewrite | str | None:
         conv = view.producer(node.input[0], "Conv") if node.input else None
@@ -64,14 +41,14 @@ class ConvActivation(Pattern):
             return None
         if not view.only_reader(conv.output[0], node):
             return "the Conv output has other readers"
-        found = _activation(view, node)
-        if found is None or isinstance(found, str):
-            return found
+        if node.op_type in CPU_ONLY:
+            return (
+                f"FusedConv with {node.op_type} loads on ONNX Runtime's CPU provider only "
+                "(its CUDA kernel runs Relu alone); the CPU provider fuses it at load time"
+            )
         if view.dtype(conv.output[0]) not in FUSED_TYPES:
             kind = "float16/other" if view.dtype(conv.output[0]) in FLOAT_TYPES else "unknown"
             return f"FusedConv runs float32 only (this Conv is {kind})"
-        activation, params = found
-        extra = {"activation_params": params} if params else {}
         fused = view.node(
             "FusedConv",
             list(conv.input),
@@ -79,8 +56,7 @@ class ConvActivation(Pattern):
             name=conv.name or "FusedConv",
             like=conv,
             domain=MS_DOMAIN,
-            activation=activation,
-            **extra,
+            activation="Relu",
         )
         return Rewrite(remove=[conv, node], add=[fused])
 

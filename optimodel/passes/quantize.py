@@ -203,6 +203,15 @@ def _node_names(model: onnx.ModelProto) -> set[str]:
     return {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
 
 
+# Measured on an H100 with onnxruntime-gpu 1.31 (benchmarks/RESULTS.md, GPU section).
+CUDA_INT8_NOTE = (
+    "ONNX Runtime's CUDA provider runs most Q/DQ models as dequantize + float kernels: "
+    "expect a smaller file, not a faster one (PP-OCR, magika and MiniLM ran 1.2-2x slower "
+    "than float on an H100); int8 speed on NVIDIA GPUs comes from --target tensorrt, and "
+    "on CUDA from `optimodel fp16` and `fuse --target ort`"
+)
+
+
 @register_pass
 class QuantizePass(Pass):
     """Quantize with onnxruntime.quantization; the options are `optimodel quantize`'s."""
@@ -357,6 +366,8 @@ class QuantizePass(Pass):
         mode = self.options["mode"]
         self._per_channel = bool(self.options["per_channel"])
         warnings: list[str] = []
+        if self.options["target"] == "cuda" and mode == "static":
+            warnings.append(CUDA_INT8_NOTE)
         steps: list[str] = []
         work = copy_model(model)
         expanded = expand_fused_conv(work)

@@ -9,13 +9,14 @@ left in float, a bigger file, a slower model) into warnings in the report.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from optimodel.data import RANDOM
 from optimodel.errors import GateFailed, OptimodelError, UsageError, VerificationError
 from optimodel.report import Report
-from optimodel.runtime.sessions import SessionConfig
+from optimodel.runtime.sessions import PROVIDERS, SessionConfig
 
 WARNING_PREFIX = "warning: "
 ACCURACY_HINT = {
@@ -68,6 +69,7 @@ def quantize(
     if not max_latency_ratio > 0:
         raise UsageError(f"--max-latency-ratio {max_latency_ratio}: must be above 0")
 
+    timing = _timing_config(str(options.get("target") or "cpu"), threads, strict=bool(if_slower))
     quantizer = get_pass("quantize", mode=mode, shapes=shapes, int_range=int_range, **options)
     calib = options.get("calib_data")
     notes = []
@@ -119,11 +121,11 @@ def quantize(
         original = load_model(model)  # the timing feed; also what keep-float writes
         specs = model_input_specs(original)
         feed = next(iter(load_data(data, specs, shapes=shapes, num_samples=1))).feed
-        said = _bench(report, Path(model), Path(output), feed, threads, runs)
+        said = _bench(report, Path(model), Path(output), feed, timing, runs)
         warnings.extend([] if if_slower else said)  # the speed gate says it, interleaved
         if if_slower:
             warnings.extend(
-                _speed_gate(report, Path(model), Path(output), original, feed, threads,
+                _speed_gate(report, Path(model), Path(output), original, feed, timing,
                             if_slower, max_latency_ratio)
             )  # fmt: skip
     report.messages.extend(WARNING_PREFIX + w for w in warnings)
@@ -159,30 +161,68 @@ def _remove_output(path: Path) -> None:
             leftover.unlink()
 
 
+@dataclass
+class TimingConfig:
+    """Where `--bench` and `--if-slower` time the models: the target's provider if it starts."""
+
+    session: SessionConfig
+    where: str  # "this CPU at 1 thread(s)", "CUDA"
+    note: str | None = None  # said when the target's provider could not be used
+
+
+def _timing_config(target: str, threads: int, strict: bool) -> TimingConfig:
+    """Time on the provider the model is quantized for; a CPU figure says nothing of a GPU.
+
+    With `strict` (a speed gate) a GPU target whose provider does not start here is an
+    error before any work; for `--bench` the CPU is used and that is said.
+    """
+    cpu = TimingConfig(SessionConfig(threads=threads), f"this CPU at {threads} thread(s)")
+    if target == "cpu":
+        return cpu
+    from optimodel.runtime.bench import short_provider
+    from optimodel.runtime.provider_probe import probe_provider
+
+    name = PROVIDERS[target]
+    reason = probe_provider(name)
+    if reason is None:
+        return TimingConfig(SessionConfig(providers=[target]), short_provider(name))
+    if strict:
+        raise UsageError(
+            f"--if-slower times the model where it will run, but the {target} provider does "
+            f"not start here ({reason})",
+            hint=f"run on a machine with {short_provider(name)}, or drop --if-slower",
+        )
+    cpu.note = (
+        f"timed on the CPU: the {target} provider does not start here ({reason}); "
+        f"these are not {short_provider(name)} figures"
+    )
+    return cpu
+
+
 def _bench(
     report: Report,
     source: Path,
     target: Path,
     feed: dict[str, Any],
-    threads: int,
+    timing: TimingConfig,
     runs: int,
 ) -> list[str]:
-    """CPU latency of input and output on one feed; a warning if quantizing made it slower."""
+    """Latency of input and output on one feed; a warning if quantizing made it slower."""
     from optimodel.runtime.bench import add_ratios, benchmark_model
 
-    config = SessionConfig(threads=threads)
     rows = [
-        benchmark_model(path, config, feed, runs=runs, warmup=max(3, runs // 10))
+        benchmark_model(path, timing.session, feed, runs=runs, warmup=max(3, runs // 10))
         for path in (source, target)
     ]
     report.latency = add_ratios(rows)
+    said = [timing.note] if timing.note else []
     ratio = report.latency[1].get("latency_ratio")
     if ratio is not None and ratio > SLOWER_THAN:
-        return [
-            f"the quantized model is slower than the input on this CPU at {threads} thread(s): "
+        said.append(
+            f"the quantized model is slower than the input on {timing.where}: "
             f"p50 {rows[0]['p50_ms']:.3f} -> {rows[1]['p50_ms']:.3f} ms ({ratio:.2f}x)"
-        ]
-    return []
+        )
+    return said
 
 
 def _speed_gate(
@@ -191,7 +231,7 @@ def _speed_gate(
     target: Path,
     original: Any,
     feed: dict[str, Any],
-    threads: int,
+    config: TimingConfig,
     policy: str,
     limit: float,
 ) -> list[str]:
@@ -200,11 +240,12 @@ def _speed_gate(
     from optimodel.report import model_record
     from optimodel.runtime.paired import paired_timing
 
-    timing = paired_timing(source, target, feed, SessionConfig(threads=threads))
+    where = config.where
+    timing = paired_timing(source, target, feed, config.session)
     slower = timing.ratio > limit
     gate: dict[str, Any] = {
         "name": "latency",
-        "metric": f"p50 latency, quantized / input (CPU, {threads} thread(s), interleaved)",
+        "metric": f"p50 latency, quantized / input ({where}, interleaved)",
         "limit": limit,
         "measured": round(timing.ratio, 4),
         "unit": "ratio",
@@ -215,7 +256,7 @@ def _speed_gate(
     if not slower:
         return []
     said = (
-        f"the quantized model is {timing.ratio:.2f}x the input's latency on this CPU "
+        f"the quantized model is {timing.ratio:.2f}x the input's latency on {where} "
         f"(p50 {timing.a_ms:.3f} -> {timing.b_ms:.3f} ms, limit {limit:g}x)"
     )
     gate["outcome"] = {"warn": "warned", "fail": "failed", "keep-float": "kept-float"}[policy]

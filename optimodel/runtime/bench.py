@@ -138,9 +138,12 @@ def fell_back_providers(
     return dropped
 
 
+SHORT_NAMES = {"TensorrtExecutionProvider": "TensorRT"}
+
+
 def short_provider(name: str) -> str:
-    """CUDAExecutionProvider -> CUDA, for tables."""
-    return name.removesuffix("ExecutionProvider")
+    """CUDAExecutionProvider -> CUDA, TensorrtExecutionProvider -> TensorRT, for tables."""
+    return SHORT_NAMES.get(name, name.removesuffix("ExecutionProvider"))
 
 
 def provider_label(row: Mapping[str, Any]) -> str:

@@ -243,12 +243,14 @@ def diagnose(cpuinfo: str | None = None) -> dict[str, Any]:
         if _dist_version(dist):
             warnings.extend(_unmet_requirements(dist, installed))
     notes = []
-    if set(GPU_PROVIDERS) & set(providers):
-        notes.append(
-            "a GPU provider listed here is compiled in, not proven to work: the CUDA / cuDNN / "
-            "TensorRT libraries load only with a session; `optimodel bench --provider cuda` "
-            "checks it"
-        )
+    problems: dict[str, str] = {}
+    for key, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        if name in providers:
+            from optimodel.runtime.provider_probe import probe_provider
+
+            reason = probe_provider(name)
+            if reason:
+                problems[key] = reason
     cpu = read_cpu_features(cpuinfo)
     if not cpu["flags_read"]:
         notes.append("CPU flags could not be read on this platform; the int8 advice is a guess")
@@ -259,11 +261,13 @@ def diagnose(cpuinfo: str | None = None) -> dict[str, Any]:
         "onnxruntime_packages": ort_packages,
         "onnxruntime_gpu_installed": "onnxruntime-gpu" in ort_packages,
         "providers": providers,
+        # listed in the build and, for the GPU ones, seen starting a session here
         "provider_support": {
             "cpu": "CPUExecutionProvider" in providers,
-            "cuda": "CUDAExecutionProvider" in providers,
-            "tensorrt": "TensorrtExecutionProvider" in providers,
+            "cuda": "CUDAExecutionProvider" in providers and "cuda" not in problems,
+            "tensorrt": "TensorrtExecutionProvider" in providers and "tensorrt" not in problems,
         },
+        "provider_problems": problems,
         "platform": {
             "system": platform.system(),
             "release": platform.release(),
