@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SAMPLE := sample_models/digits_cnn.onnx
 OUT    ?= out
+GPU_DIR ?= benchmarks/.cache/gpu
 
 # Batch conversion: every model in BATCH_IN optimized in parallel with `make -j batch`.
 BATCH_IN     ?= sample_models
@@ -15,7 +16,7 @@ BATCH_RECIPE ?= default
 BATCH_MODELS  := $(wildcard $(BATCH_IN)/*.onnx)
 BATCH_TARGETS := $(patsubst $(BATCH_IN)/%.onnx,$(BATCH_OUT)/%.onnx,$(BATCH_MODELS))
 
-.PHONY: setup run test test-all lint bench bench-huge batch models clean
+.PHONY: setup run test test-all lint bench bench-huge bench-gpu batch models clean
 
 setup: $(STAMP)
 
@@ -53,6 +54,13 @@ bench: $(BENCH_STAMP)
 # 8 GB of temporary disk, so not part of `make bench`.
 bench-huge: $(BENCH_STAMP)
 	PYTHONPATH=. $(BIN)/python benchmarks/huge.py --gib 2.2 --results benchmarks/RESULTS.md
+
+# On a machine with onnxruntime-gpu and a GPU: originals, optimodel's variants, timed on
+# CUDA (and TensorRT where its libraries load); `benchmarks/gpu.py prepare` and `measure`
+# run the two halves on two machines.
+bench-gpu: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/gpu.py prepare $(GPU_DIR)
+	$(BIN)/python benchmarks/gpu.py measure $(GPU_DIR) --results benchmarks/RESULTS.md
 
 $(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt

@@ -4,6 +4,7 @@ Two steps, so that the GPU machine needs neither the model caches nor PyTorch:
 
     python benchmarks/gpu.py prepare DIR [--models a,b]   # here: originals + their inputs
     python benchmarks/gpu.py measure DIR [--results RESULTS.md]  # on the GPU machine
+    python benchmarks/gpu.py render DIR/gpu_results.json --results benchmarks/RESULTS.md
 
 `measure` builds the optimized variants from each original with optimodel (fold + fuse
 for standard ONNX or for ONNX Runtime, fp16, static int8 for `--target cuda`), then runs
@@ -159,6 +160,27 @@ def _one_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
+def _rows(feed: Feed) -> int:
+    return int(next(iter(feed.values())).shape[0])
+
+
+def _batch_feed(evals: list[Feed], session: Any, most: int = 8) -> Feed | None:
+    """Up to `most` eval inputs as one batch, where the model takes one (GPUs want batches)."""
+    if not evals:
+        return None
+    if _rows(evals[0]) > 1:
+        return evals[0]
+    same = [f for f in evals[:most] if all(f[k].shape == evals[0][k].shape for k in evals[0])]
+    if len(same) < 2:
+        return None
+    batch = {k: np.concatenate([f[k] for f in same]) for k in evals[0]}
+    try:
+        session.run(None, batch)
+    except Exception:  # a fixed batch dimension: batch 1 only
+        return None
+    return batch
+
+
 def measure_model(folder: Path, task: str | None, provider: str, budget_s: float) -> dict[str, Any]:
     """Every variant of one model on one provider: placement, fidelity, paired latency."""
     latency_feed, evals, calib = _load_feeds(folder / "feeds.npz")
@@ -188,6 +210,11 @@ def measure_model(folder: Path, task: str | None, provider: str, budget_s: float
         timed = latency(sessions, latency_feed, rounds=30, block_s=0.05, budget_s=budget_s)
         for variant, figures in timed.items():
             rows[variant]["latency"] = figures
+        batch = _batch_feed(evals, sessions["original"])
+        if batch is not None:
+            timed = latency(sessions, batch, rounds=20, block_s=0.05, budget_s=budget_s / 2)
+            for variant, figures in timed.items():
+                rows[variant]["batch_latency"] = {**figures, "batch": _rows(batch)}
     versus_cpu = None
     if "original" in sessions and provider != "cpu":
         pair = {"original": _session(folder / "original.onnx", None), "gpu": sessions["original"]}
@@ -295,30 +322,34 @@ def render(result: dict[str, Any]) -> str:
         lines += [
             f"### {provider}",
             "",
-            "| model | variant | latency vs original | ms | fidelity | nodes on GPU | size |",
-            "|---|---|---|---|---|---|---|",
+            "| model | variant | latency vs original | ms | batched: vs original | ms | "
+            "fidelity | nodes on GPU | size |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, figures in entry["models"].items():
             if "error" in figures:
-                lines.append(f"| {name} | - | fails: {figures['error']} | | | | |")
+                lines.append(f"| {name} | - | fails: {figures['error']} | | | | | | |")
             speedup = figures.get("original_gpu_vs_cpu")
             for variant, row in figures["variants"].items():
                 if "error" in row:
-                    lines.append(f"| {name} | {variant} | fails: {row['error']} | | | | |")
+                    lines.append(f"| {name} | {variant} | fails: {row['error']} | | | | | | |")
                     continue
-                lat = row.get("latency")
                 label = variant
                 if variant == "original" and speedup:
                     label += f" (GPU/CPU time {speedup['ratio']:.2f}x)"
-                lines.append(
-                    f"| {name} | {label} | {_fmt_ratio(lat)} | {lat['median_ms']:.3f} | "
-                    if lat
-                    else f"| {name} | {label} | - | - | "
-                )
-                lines[-1] += (
-                    f"{_fmt_fidelity(row.get('fidelity'))} | {_fmt_placement(row, provider)} | "
-                    f"{row['bytes'] / 1e6:.2f} MB |"
-                )
+                cells = [name, label]
+                for key in ("latency", "batch_latency"):
+                    lat = row.get(key)
+                    ms = f"{lat['median_ms']:.3f}" if lat else "-"
+                    if lat and key == "batch_latency":
+                        ms += f" (batch {lat['batch']})"
+                    cells += [_fmt_ratio(lat), ms]
+                cells += [
+                    _fmt_fidelity(row.get("fidelity")),
+                    _fmt_placement(row, provider),
+                    f"{row['bytes'] / 1e6:.2f} MB",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -334,9 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     meas.add_argument("--providers", default="cuda,tensorrt")
     meas.add_argument("--budget", type=float, default=20.0, help="seconds of timing per model")
     meas.add_argument("--results", type=Path, help="also write the section into this RESULTS.md")
+    again = sub.add_parser("render", help="the Markdown section again, from a results JSON")
+    again.add_argument("json", type=Path)
+    again.add_argument("--results", type=Path, help="write the section into this RESULTS.md")
     args = parser.parse_args(argv)
     if args.step == "prepare":
         prepare(args.dir, [m for m in args.models.split(",") if m])
+        return 0
+    if args.step == "render":
+        text = render(json.loads(args.json.read_text(encoding="utf-8")))
+        print(text)
+        if args.results:
+            from scaling import write_section
+
+            write_section(args.results, text, SECTION)
         return 0
     providers = [p for p in args.providers.split(",") if p]
     result = measure(args.dir, providers, args.budget)

@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from optimodel.data import load_data, model_input_specs
-from optimodel.errors import OptimodelError
+from optimodel.errors import OptimodelError, UsageError
 from optimodel.evaluate import MaxDrop, evaluate
 from optimodel.modelio import load_model
 from optimodel.pipeline import PassRecord
 from optimodel.recipes import Recipe
 from optimodel.report import Report
-from optimodel.runtime.sessions import SessionConfig
+from optimodel.runtime.sessions import PROVIDERS, SessionConfig
+from optimodel.speed_gate import SLOWER_THAN, TimingConfig, apply_speed_gate, timing_config
 from optimodel.transform import transform_file
 
-SLOWER_THAN = 1.05  # latency ratio above which the report warns (noise is about +-5%)
+# --if-slower / bench.if_slower: what to do when the optimized model is not faster.
+IF_SLOWER = {"warn": "warn", "keep-input": "keep", "fail": "fail"}
 
 
 def stage_rows(report: Report) -> list[dict[str, Any]]:
@@ -72,10 +74,29 @@ def optimize_file(
     max_drop: MaxDrop | None = None,
     pass_timeout: float | None = None,
     on_pass: Callable[[PassRecord], None] | None = None,
+    if_slower: str | None = None,
+    max_latency_ratio: float | None = None,
 ) -> Report:
-    """Run the recipe with verification, then bench and eval before/after."""
+    """Run the recipe with verification, then bench and eval before/after.
+
+    `if_slower` (or the recipe's `bench.if_slower`): warn, keep-input (write the input
+    model unchanged) or fail when the output is not faster (`optimodel.speed_gate`).
+    """
     data = data or recipe.verify.get("data") or recipe.eval.get("data")
     recipe.bind_data(data)
+    policy = if_slower or recipe.bench.get("if_slower")
+    if policy is not None and policy not in IF_SLOWER:
+        raise UsageError(f"--if-slower {policy}: choose from {', '.join(IF_SLOWER)}")
+    limit = float(max_latency_ratio or recipe.bench.get("max_latency_ratio") or SLOWER_THAN)
+    if not limit > 0:
+        raise UsageError(f"--max-latency-ratio {limit}: must be above 0")
+    bench_threads = int(threads if threads is not None else recipe.bench.get("threads", 1))
+    providers = [str(p) for p in recipe.bench.get("providers") or ["cpu"]]
+    if providers[0] in PROVIDERS:
+        timing = timing_config(providers[0], bench_threads, strict=policy is not None)
+    else:  # a provider optimodel has no short name for: time it as the recipe says
+        config = SessionConfig(providers=providers, threads=bench_threads)
+        timing = TimingConfig(config, ", ".join(providers))
     report = transform_file(
         model,
         output,
@@ -93,10 +114,22 @@ def optimize_file(
     report.recipe = recipe.to_dict()
     specs = model_input_specs(load_model(model, check=False))
     do_bench = bench if bench is not None else recipe.bench.get("enabled", True)
+    feed = None
+    if do_bench or policy:
+        dataset = load_data(data, specs, shapes=shapes, int_range=int_range, num_samples=1)
+        feed = next(iter(dataset)).feed
     if do_bench:
-        report.latency = _bench_pair(
-            model, output, recipe, specs, data, shapes, int_range, runs, threads
-        )
+        report.latency = _bench_pair(model, output, recipe, feed, runs, timing.session)
+        if timing.note:
+            report.messages.append(timing.note)
+    if policy:
+        said = apply_speed_gate(report, Path(model), Path(output), load_model(model), feed,
+                                timing, IF_SLOWER[policy], limit, what="optimized",
+                                keep_name="keep-input")  # fmt: skip
+        report.messages.extend(said)
+        if report.status == "gate_failed":  # the output is gone: nothing to evaluate
+            report.stages = stage_rows(report)
+            return report.finish()
     if data and data != "random":
         dataset = load_data(data, specs, shapes=shapes, batch_size=32, int_range=int_range)
         if dataset.has_labels:
@@ -108,7 +141,7 @@ def optimize_file(
                 if not result.gate["passed"]:
                     report.status = "gate_failed"
     report.stages = stage_rows(report)
-    if len(report.latency) == 2:
+    if len(report.latency) == 2 and not policy:  # the speed gate has said it already
         ratio = report.latency[1].get("latency_ratio")
         if ratio is not None and ratio > SLOWER_THAN:
             report.messages.append(
@@ -129,22 +162,13 @@ def _bench_pair(
     model: str | Path,
     output: str | Path,
     recipe: Recipe,
-    specs: list[Any],
-    data: str | None,
-    shapes: dict[str, tuple[int, ...]] | None,
-    int_range: tuple[int, int],
+    feed: dict[str, Any],
     runs: int | None,
-    threads: int | None,
+    config: SessionConfig,
 ) -> list[dict[str, Any]]:
     """Input and output timed in the same run, ratios relative to the input."""
     from optimodel.runtime.bench import add_ratios, benchmark_model
 
-    dataset = load_data(data, specs, shapes=shapes, int_range=int_range, num_samples=1)
-    feed = next(iter(dataset)).feed
-    config = SessionConfig(
-        providers=list(recipe.bench.get("providers") or ["cpu"]),
-        threads=int(threads if threads is not None else recipe.bench.get("threads", 1)),
-    )
     count = int(runs or recipe.bench.get("runs", 50))
     warmup = int(recipe.bench.get("warmup", 5))
     rows = []

@@ -28,7 +28,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TOP_LEVEL_KEYS = {"name", "description", "passes", "verify", "bench", "eval"}
 SECTION_KEYS = {
     "verify": {"samples", "data"},
-    "bench": {"enabled", "runs", "warmup", "threads", "providers"},
+    "bench": {
+        "enabled",
+        "runs",
+        "warmup",
+        "threads",
+        "providers",
+        "if_slower",
+        "max_latency_ratio",
+    },
     "eval": {"max_drop", "data"},
 }
 

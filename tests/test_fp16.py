@@ -266,7 +266,8 @@ def test_fp16_cli_report_and_safety(fp16_cli, tmp_path):
     assert stats["weight_bytes_after"] < 0.55 * stats["weight_bytes_before"]
     assert data["verification"]["ok"] and data["verification"]["outputs"][0]["cosine"] > 0.999
     assert data["output_model"]["bytes"] < 0.6 * data["input_model"]["bytes"]
-    assert any("GPU providers" in m for m in data["messages"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert any("GPU providers" in m for m in data["messages"])
     assert sha256(src) == before
     again = fp16_cli("fp16", src, "-o", out)
     assert again.exit_code == 1 and "--force" in again.output

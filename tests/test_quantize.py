@@ -750,3 +750,15 @@ def test_impossible_budget_exits_3_and_writes_nothing(qcli, tmp_path):
 def test_bad_budget_options_are_usage_errors(options, message):
     with pytest.raises(UsageError, match=message):
         get_pass("quantize", **options)
+
+
+def test_histogram_calibration_falls_back_to_minmax_where_control_flow_hides_tensors():
+    """Percentile (the default) needs a histogram per tensor; an If branch can leave none."""
+    model = onnx.load(str(SAMPLES / "control_flow.onnx"))
+    result = get_pass("quantize", mode="static", calib_data="random", calib_samples=8).run(model)
+    assert result.stats["calibration"]["method"] == "minmax"
+    assert any("calibrated with minmax instead" in w for w in result.stats["warnings"])
+    digits = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    data = str(SAMPLES / "digits_test.npz")
+    stats = get_pass("quantize", mode="static", calib_data=data, calib_samples=32).run(digits).stats
+    assert stats["calibration"]["method"] == "percentile"

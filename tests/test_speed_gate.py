@@ -132,3 +132,39 @@ def test_bench_for_a_gpu_target_without_it_times_the_cpu_and_says_so(cli, tmp_pa
     report = json.loads(result.stdout)
     assert any("timed on the CPU" in m and "not CUDA figures" in m for m in report["messages"])
     assert len(report["latency"]) == 2
+
+
+def test_optimize_fail_writes_nothing_and_exits_3(cli, tmp_path):
+    out = tmp_path / "o.onnx"
+    before = sha256(MLP)
+    result = cli("optimize", MLP, "-o", out, "--if-slower", "fail", "--max-latency-ratio", NEVER)
+    assert result.exit_code == 3, result.output
+    assert "optimized model is" in result.output and "nothing was written" in result.output
+    assert not out.exists() and sha256(MLP) == before
+
+
+def test_optimize_recipe_keep_input_writes_the_input_model(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\npasses:\n  - fold\n  - fuse\n"
+        f"bench:\n  if_slower: keep-input\n  max_latency_ratio: {NEVER}\n  runs: 5\n"
+    )
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", MLP, "-o", out, "--config", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    gate = report["gates"][-1]
+    assert gate["name"] == "latency" and gate["outcome"] == "kept-input"
+    assert any("kept the input model instead" in m for m in report["messages"])
+    x = _feed(MLP)
+    np.testing.assert_array_equal(_outputs(out, x), _outputs(MLP, x))
+
+
+def test_optimize_gate_for_a_gpu_recipe_without_the_gpu_is_a_usage_error(cli, tmp_path):
+    if _cuda_starts():
+        pytest.skip("CUDA starts here")
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", MLP, "-o", out, "--config", "fp16-gpu", "--if-slower", "warn")
+    assert result.exit_code == 2, result.output
+    assert "cuda provider does not start here" in result.output
+    assert not out.exists()

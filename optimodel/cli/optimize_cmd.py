@@ -93,6 +93,24 @@ def optimize(
             "--threads", min=0, help="Intra-op threads for the benchmark.", show_default=False
         ),
     ] = None,
+    if_slower: Annotated[
+        str | None,
+        typer.Option(
+            "--if-slower",
+            help="Time input and output interleaved on the recipe's provider; if the output "
+            "is slower than --max-latency-ratio: warn, keep-input (write the input model "
+            "unchanged) or fail (exit 3). Recipe: bench.if_slower.",
+            show_default=False,
+        ),
+    ] = None,
+    max_latency_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--max-latency-ratio",
+            help="Output/input p50 latency above which --if-slower acts (1.05).",
+            show_default=False,
+        ),
+    ] = None,
     force: ForceOpt = False,
     no_verify: NoVerifyOpt = False,
     shape: ShapeOpt = None,
@@ -130,6 +148,8 @@ def optimize(
         threads=threads,
         max_drop=gate,
         pass_timeout=pass_timeout,
+        if_slower=if_slower,
+        max_latency_ratio=max_latency_ratio,
     )
     out = run.to_dict()
     if json_out:

@@ -76,7 +76,12 @@ def quantize(
         ),
     ] = None,
     calib_method: Annotated[
-        str | None, _opt("--calib-method", help="Static: minmax (default) | entropy | percentile.")
+        str | None,
+        _opt(
+            "--calib-method",
+            help="Static: percentile (default: clips rare outliers, 8/8 PP-OCR rec lines where "
+            "minmax kept 5/8) | minmax | entropy.",
+        ),
     ] = None,
     calib_samples: Annotated[
         int | None, _opt("--calib-samples", help="Static: calibrate on at most N samples (128).")

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from optimodel.errors import GateFailed, OptimodelError, UsageError
-from optimodel.fusions.conv_activation import expand_fused_conv
+from optimodel.fusions.fused_conv import expand_fused_conv
 from optimodel.graphs import copy_model
 from optimodel.modelio import tensor_array
 from optimodel.passes.base import Pass, PassResult, register_pass

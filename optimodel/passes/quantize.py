@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto
 
 from optimodel.errors import OptimodelError, UsageError
-from optimodel.fusions.conv_activation import expand_fused_conv
+from optimodel.fusions.fused_conv import expand_fused_conv
 from optimodel.graphs import copy_model
 from optimodel.modelio import (
     EXTERNAL_DATA_THRESHOLD,
@@ -89,11 +89,12 @@ STATIC_CPU_OPS = [
 # Q/DQ for GPUs: the weighted layers TensorRT runs in int8 and propagates from.
 GPU_STATIC_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 QDQ_PER_CHANNEL_OPSET = 13
+HISTOGRAM_MISSING = "Histogram has not been collected"
 INT4_QDQ_OPSET = 21
 NBITS_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
 MODE_DEFAULTS: dict[str, Any] = {
     "weight_type": "int8",
-    "calib_method": "minmax",
+    "calib_method": "percentile",
     "calib_samples": 128,
     "format": "qdq",
     "symmetric_activations": False,
@@ -641,12 +642,7 @@ class QuantizePass(Pass):
     def _static(
         self, model: onnx.ModelProto, tmp: Path, warnings: list[str]
     ) -> tuple[onnx.ModelProto, dict]:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
+        from onnxruntime.quantization import CalibrationMethod
 
         from optimodel.quant.calibration import calibration_reader
 
@@ -662,7 +658,6 @@ class QuantizePass(Pass):
         warnings.extend(calibration.warnings)
         reader = calibration.reader
         symmetric = bool(o["symmetric_activations"]) or target != "cpu"
-        per_channel = self._per_channel
         if target == "cpu" and o["symmetric_activations"]:
             warnings.append(
                 "int8 activations (S8S8) run slower than uint8 (U8S8) on x86 CPUs; drop "
@@ -678,19 +673,55 @@ class QuantizePass(Pass):
             extra["QuantizeBias"] = False  # TensorRT dequantizes int8 only, never int32 bias
         src, out = tmp / "input.onnx", tmp / "quantized.onnx"
         big = _save(model, src)
-        ops = self._op_types()
-        method = {
+        methods = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
-        }[o["calib_method"]]
+        }
+        used = o["calib_method"]
+        try:
+            self._quantize_static(src, out, reader, methods[used], symmetric, big, extra)
+        except ValueError as exc:
+            if used == "minmax" or HISTOGRAM_MISSING not in str(exc):
+                raise
+            # A tensor the histogram never saw (a branch of an If that no sample took):
+            # ONNX Runtime's histogram calibrators give up, min/max does not.
+            warnings.append(
+                f"{used} calibration left some tensors without a histogram (control flow "
+                "whose branches the samples did not all take); calibrated with minmax instead"
+            )
+            used = "minmax"
+            reader.set_range(0, len(reader))
+            self._quantize_static(src, out, reader, methods[used], symmetric, big, extra)
+        details = {
+            "format": o["format"],
+            "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
+            "weights": o["weight_type"] + (" per-channel" if self._per_channel else " per-tensor"),
+            "op_types": self._op_types(),
+            "calibration": {"method": used, **calibration.describe()},
+        }
+        return onnx.load(str(out)), details
+
+    def _quantize_static(
+        self,
+        src: Path,
+        out: Path,
+        reader: Any,
+        method: Any,
+        symmetric: bool,
+        big: bool,
+        extra: dict[str, Any],
+    ) -> None:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        o = self.options
         quantize_static(
             str(src),
             str(out),
             reader,
             quant_format=QuantFormat.QDQ if o["format"] == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=ops,
-            per_channel=per_channel,
+            op_types_to_quantize=self._op_types(),
+            per_channel=self._per_channel,
             reduce_range=False,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8 if o["weight_type"] == "int8" else QuantType.QUInt8,
@@ -700,14 +731,6 @@ class QuantizePass(Pass):
             calibration_providers=["CPUExecutionProvider"],
             extra_options=extra,
         )
-        details = {
-            "format": o["format"],
-            "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
-            "weights": f"{o['weight_type']}{' per-channel' if per_channel else ' per-tensor'}",
-            "op_types": ops,
-            "calibration": {"method": o["calib_method"], **calibration.describe()},
-        }
-        return onnx.load(str(out)), details
 
     def _weight_only(
         self, model: onnx.ModelProto, warnings: list[str]

@@ -9,18 +9,28 @@ left in float, a bigger file, a slower model) into warnings in the report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from optimodel.data import RANDOM
 from optimodel.errors import GateFailed, OptimodelError, UsageError, VerificationError
 from optimodel.report import Report
-from optimodel.runtime.sessions import PROVIDERS, SessionConfig
+from optimodel.speed_gate import (
+    SLOWER_THAN,
+    TimingConfig,
+    apply_speed_gate,
+    remove_output,
+    speed_failure,
+    timing_config,
+)
 
 WARNING_PREFIX = "warning: "
+SPEED_HINT = (
+    "try another --mode or --target, --exclude-op for slow layers, or --if-slower "
+    "keep-float to write the float model"
+)
 ACCURACY_HINT = {
-    "static": "nothing was written; try --calib-method entropy or percentile, more or more "
+    "static": "nothing was written; try --calib-method minmax or entropy, more or more "
     "typical --calib-data, --exclude-node for the sensitive layers, or --mode dynamic "
     "(--no-verify writes it anyway)",
     "dynamic": "nothing was written; try --per-channel or --exclude-node for the sensitive "
@@ -30,10 +40,8 @@ ACCURACY_HINT = {
 }
 # Feeds of the calibration data the result is verified on when no --data is given.
 CALIB_VERIFY_FEEDS = 16
-# A quantized model this much slower than the input is flagged (timing noise is ~ +-3 %).
-SLOWER_THAN = 1.05
 # What to do when the quantized model is slower than --max-latency-ratio allows.
-IF_SLOWER = ("warn", "keep-float", "fail")
+IF_SLOWER = {"warn": "warn", "keep-float": "keep", "fail": "fail"}
 
 
 def quantize(
@@ -69,7 +77,7 @@ def quantize(
     if not max_latency_ratio > 0:
         raise UsageError(f"--max-latency-ratio {max_latency_ratio}: must be above 0")
 
-    timing = _timing_config(str(options.get("target") or "cpu"), threads, strict=bool(if_slower))
+    timing = timing_config(str(options.get("target") or "cpu"), threads, strict=bool(if_slower))
     quantizer = get_pass("quantize", mode=mode, shapes=shapes, int_range=int_range, **options)
     calib = options.get("calib_data")
     notes = []
@@ -101,7 +109,7 @@ def quantize(
         raise VerificationError(exc.message, hint=ACCURACY_HINT[mode]) from exc
     record = report.passes[0]
     if record["status"] != "ok":
-        _remove_output(Path(output))
+        remove_output(Path(output))
         raise OptimodelError(
             f"{model}: quantization did not run ({record['reason']}); no model was written"
         )
@@ -125,12 +133,12 @@ def quantize(
         warnings.extend([] if if_slower else said)  # the speed gate says it, interleaved
         if if_slower:
             warnings.extend(
-                _speed_gate(report, Path(model), Path(output), original, feed, timing,
-                            if_slower, max_latency_ratio)
+                apply_speed_gate(report, Path(model), Path(output), original, feed, timing,
+                                 IF_SLOWER[if_slower], max_latency_ratio)
             )  # fmt: skip
     report.messages.extend(WARNING_PREFIX + w for w in warnings)
     if report.status == "gate_failed":
-        raise _speed_failure(report, max_latency_ratio)
+        raise speed_failure(report, max_latency_ratio, "quantized", SPEED_HINT)
     budget = stats.get("accuracy_budget")
     if budget is not None:
         report.gates.append(
@@ -153,50 +161,6 @@ def quantize(
             failure.report = report  # type: ignore[attr-defined]
             raise failure
     return report
-
-
-def _remove_output(path: Path) -> None:
-    for leftover in (path, Path(f"{path}.data")):
-        if leftover.is_file():
-            leftover.unlink()
-
-
-@dataclass
-class TimingConfig:
-    """Where `--bench` and `--if-slower` time the models: the target's provider if it starts."""
-
-    session: SessionConfig
-    where: str  # "this CPU at 1 thread(s)", "CUDA"
-    note: str | None = None  # said when the target's provider could not be used
-
-
-def _timing_config(target: str, threads: int, strict: bool) -> TimingConfig:
-    """Time on the provider the model is quantized for; a CPU figure says nothing of a GPU.
-
-    With `strict` (a speed gate) a GPU target whose provider does not start here is an
-    error before any work; for `--bench` the CPU is used and that is said.
-    """
-    cpu = TimingConfig(SessionConfig(threads=threads), f"this CPU at {threads} thread(s)")
-    if target == "cpu":
-        return cpu
-    from optimodel.runtime.bench import short_provider
-    from optimodel.runtime.provider_probe import probe_provider
-
-    name = PROVIDERS[target]
-    reason = probe_provider(name)
-    if reason is None:
-        return TimingConfig(SessionConfig(providers=[target]), short_provider(name))
-    if strict:
-        raise UsageError(
-            f"--if-slower times the model where it will run, but the {target} provider does "
-            f"not start here ({reason})",
-            hint=f"run on a machine with {short_provider(name)}, or drop --if-slower",
-        )
-    cpu.note = (
-        f"timed on the CPU: the {target} provider does not start here ({reason}); "
-        f"these are not {short_provider(name)} figures"
-    )
-    return cpu
 
 
 def _bench(
@@ -223,75 +187,3 @@ def _bench(
             f"p50 {rows[0]['p50_ms']:.3f} -> {rows[1]['p50_ms']:.3f} ms ({ratio:.2f}x)"
         )
     return said
-
-
-def _speed_gate(
-    report: Report,
-    source: Path,
-    target: Path,
-    original: Any,
-    feed: dict[str, Any],
-    config: TimingConfig,
-    policy: str,
-    limit: float,
-) -> list[str]:
-    """Is the quantized model faster here? If not, act on `policy` (`quantize` doc)."""
-    from optimodel.modelio import Provenance, save_model
-    from optimodel.report import model_record
-    from optimodel.runtime.paired import paired_timing
-
-    where = config.where
-    timing = paired_timing(source, target, feed, config.session)
-    slower = timing.ratio > limit
-    gate: dict[str, Any] = {
-        "name": "latency",
-        "metric": f"p50 latency, quantized / input ({where}, interleaved)",
-        "limit": limit,
-        "measured": round(timing.ratio, 4),
-        "unit": "ratio",
-        "passed": not slower,
-        "timing": timing.to_dict(),
-    }
-    report.gates.append(gate)
-    if not slower:
-        return []
-    said = (
-        f"the quantized model is {timing.ratio:.2f}x the input's latency on {where} "
-        f"(p50 {timing.a_ms:.3f} -> {timing.b_ms:.3f} ms, limit {limit:g}x)"
-    )
-    gate["outcome"] = {"warn": "warned", "fail": "failed", "keep-float": "kept-float"}[policy]
-    if policy == "warn":
-        gate["action"] = "wrote the quantized model (--if-slower warn)"
-        return [said]
-    quantized = report.output_model
-    if policy == "fail":
-        _remove_output(target)
-        report.output_model = None
-        report.status = "gate_failed"
-        gate["action"] = "removed the quantized model (--if-slower fail)"
-        return [said + "; nothing was written"]
-    save_model(original, target, input_path=source, force=True,
-               provenance=Provenance.from_argv(passes=("keep-float",)))  # fmt: skip
-    report.output_model = model_record(target, original)
-    report.variants.append({"name": "quantized (not kept)", "model": quantized,
-                            "latency_ratio": round(timing.ratio, 4),
-                            "latency": report.latency,
-                            "verification": report.verification})  # fmt: skip
-    report.latency = []  # those rows timed the quantized model, which is not the output
-    described = (report.verification or {}).get("data", "no data")
-    report.verification = {"ok": True, "tolerance": "exact", "feeds": 0, "outputs": [],
-                           "violations": [], "data": f"{described}; the output is the input",
-                           "note": "the output is the input model"}  # fmt: skip
-    gate["action"] = "kept the float input model (--if-slower keep-float)"
-    return [said + f"; kept the float model instead: {target} is the input, unquantized"]
-
-
-def _speed_failure(report: Report, limit: float) -> GateFailed:
-    failure = GateFailed(
-        f"the quantized model is not faster than the input here (latency ratio "
-        f"{report.gates[-1]['measured']:.2f}x > {limit:g}x); nothing was written",
-        hint="try another --mode or --target, --exclude-op for slow layers, or "
-        "--if-slower keep-float to write the float model",
-    )
-    failure.report = report  # type: ignore[attr-defined]
-    return failure

@@ -1,13 +1,13 @@
-"""conv-activation: Conv followed by Relu becomes ONNX Runtime's FusedConv.
+"""FusedConv (ONNX Runtime's Conv + activation) expanded back into standard ONNX.
 
-ONNX Runtime does this itself when it loads a model at its default level; writing it
-offline (`--target ort` only: FusedConv is a com.microsoft op other runtimes lack) gives
-a smaller graph that still passes the ONNX checker. Only Relu is fused: FusedConv's CPU
-kernel also applies Tanh, Sigmoid, LeakyRelu, HardSigmoid and Clip, but its CUDA kernel
-refuses to load anything but Relu (measured: a FusedConv with HardSigmoid stops the CUDA
-session from starting), and a `--target ort` model must run on every ONNX Runtime
-provider. The CPU provider fuses those activations itself at load time.
-The Conv output must feed the activation alone and not be a graph output.
+optimodel does not write FusedConv: ONNX Runtime's CPU provider fuses Conv + activation
+itself when it loads a model, so an offline FusedConv gains nothing there (measured
+0.87-0.98x the original either way on PP-OCR), and on the CUDA provider it costs:
+the CUDA kernel refuses any activation but Relu, and with Relu it ran 3-25% slower than
+Conv + Relu on an H100 (benchmarks/RESULTS.md, GPU section). Models saved by ONNX
+Runtime's own offline optimizer carry it, though, and the passes that rewrite Convs by
+their standard schema (ONNX Runtime's quantizers, channel pruning) do not know it: they
+expand it first with `expand_fused_conv`.
 """
 
 from __future__ import annotations
@@ -15,58 +15,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from optimodel.fusions import FLOAT_TYPES, GraphView, Pattern, Rewrite, register
 from optimodel.graphs import attr
 
 MS_DOMAIN = "com.microsoft"
-# FusedConv's CPU kernel takes float only.
-FUSED_TYPES = {onnx.TensorProto.FLOAT}
-
-
-CPU_ONLY = ("Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Clip")
-
-
-@register
-class ConvActivation(Pattern):
-    name = "conv-activation"
-    group = "cnn"
-    anchors = ("Relu", *CPU_ONLY)
-    targets = ("ort",)
-    order = 90  # after the Conv + BN / Mul / Add / Pad fusions have settled each Conv
-    summary = "Conv + Relu -> FusedConv (ort)"
-
-    def match(self, view: GraphView, node: onnx.NodeProto) -> Rewrite | str | None:
-        conv = view.producer(node.input[0], "Conv") if node.input else None
-        if conv is None:
-            return None
-        if not view.only_reader(conv.output[0], node):
-            return "the Conv output has other readers"
-        if node.op_type in CPU_ONLY:
-            return (
-                f"FusedConv with {node.op_type} loads on ONNX Runtime's CPU provider only "
-                "(its CUDA kernel runs Relu alone); the CPU provider fuses it at load time"
-            )
-        if view.dtype(conv.output[0]) not in FUSED_TYPES:
-            kind = "float16/other" if view.dtype(conv.output[0]) in FLOAT_TYPES else "unknown"
-            return f"FusedConv runs float32 only (this Conv is {kind})"
-        fused = view.node(
-            "FusedConv",
-            list(conv.input),
-            [node.output[0]],
-            name=conv.name or "FusedConv",
-            like=conv,
-            domain=MS_DOMAIN,
-            activation="Relu",
-        )
-        return Rewrite(remove=[conv, node], add=[fused])
 
 
 def expand_fused_conv(model: onnx.ModelProto) -> int:
     """Turn FusedConv back into Conv + its activation, in place; returns how many.
 
-    Passes that rewrite Convs by their standard schema (ONNX Runtime's quantizers, channel
-    pruning) do not know FusedConv: a model fused for ONNX Runtime is expanded first, so
-    `fuse` then `quantize` works as well as `quantize` alone.
+    A FusedConv with a Z (sum) input is left as it is.
     """
     from optimodel.modelio import iter_graphs
 
