@@ -762,3 +762,47 @@ def test_histogram_calibration_falls_back_to_minmax_where_control_flow_hides_ten
     data = str(SAMPLES / "digits_test.npz")
     stats = get_pass("quantize", mode="static", calib_data=data, calib_samples=32).run(digits).stats
     assert stats["calibration"]["method"] == "percentile"
+
+
+def test_calibration_reports_progress_per_sample():
+    from optimodel.quant.calibration import calibration_progress
+
+    seen: list[tuple[int, int]] = []
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    quantizer = get_pass(
+        "quantize", mode="static", calib_data=str(SAMPLES / "digits_test.npz"), calib_samples=24
+    )
+    with calibration_progress(lambda done, total: seen.append((done, total))):
+        quantizer.run(model)
+    assert seen[-1] == (24, 24)
+    assert [d for d, _ in seen] == list(range(1, 25))
+
+
+def test_quantize_on_a_terminal_draws_the_calibration_bar_with_memory(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    main, secondary = pty.openpty()
+    out = tmp_path / "q.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimodel", "quantize", str(SAMPLES / "digits_cnn.onnx"),
+         "-o", str(out), "--mode", "static", "--calib-data", str(SAMPLES / "digits_test.npz")],
+        stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=120,
+        env=dict(os.environ, COLUMNS="100"),
+    )  # fmt: skip
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, shown
+    assert "calibrating" in shown and "RSS" in shown and " MB" in shown

@@ -102,6 +102,40 @@ def feed_progress(total: int | None, label: str, quiet: bool) -> Iterator[Callab
         yield lambda: progress.advance(task)
 
 
+@contextmanager
+def calibration_bar(quiet: bool) -> Iterator[None]:
+    """Samples calibrated and resident memory on stderr while static quantization runs.
+
+    Calibration can take minutes on a big model and a big data set: the bar shows that it
+    moves and that memory stays flat (statistics are streamed chunk by chunk).
+    """
+    from optimodel.quant.calibration import calibration_progress
+    from optimodel.runtime.bench import _proc_status_kb
+
+    if quiet or not sys.stderr.isatty():
+        yield
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("RSS {task.fields[rss]}"),
+        console=err_console,
+        transient=True,
+    )
+
+    def update(done: int, total: int) -> None:
+        kb = _proc_status_kb("VmRSS")
+        rss = f"{kb / 1024:,.0f} MB" if kb else "?"
+        progress.update(task, completed=done, total=total, rss=rss)
+
+    with progress:
+        task = progress.add_task("calibrating", total=None, rss="-")
+        with calibration_progress(update):
+            yield
+
+
 def write_reports(report: Any, paths: list[Path], quiet: bool) -> None:
     from optimodel.report import write_report
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from optimodel.cli.common import console, handle_errors, write_reports
+from optimodel.cli.common import calibration_bar, console, handle_errors, write_reports
 from optimodel.cli.options import (
     DataOpt,
     ExternalDataOpt,
@@ -220,8 +220,9 @@ def quantize(
     }
     try:
         given.update(if_slower=if_slower, max_latency_ratio=max_latency_ratio)
-        run = _run(model, output, mode, force, no_verify, data, samples, shape, int_range,
-                   external_data, bench, threads, given)  # fmt: skip
+        with calibration_bar(quiet or json_out or mode != "static"):
+            run = _run(model, output, mode, force, no_verify, data, samples, shape, int_range,
+                       external_data, bench, threads, given)  # fmt: skip
     except GateFailed as exc:
         failed = getattr(exc, "report", None)
         if failed is not None:  # --keep-best wrote a model: show and keep its report too

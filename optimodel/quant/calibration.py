@@ -11,7 +11,9 @@ every sample in memory until the end (USER_ASKS item 12).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -32,6 +34,23 @@ RANDOM_WARNING = (
     "calibrating on random data: activation ranges will not match real inputs and accuracy "
     "can suffer; pass --calib-data with a .npz or a folder of .npz from real inputs"
 )
+
+
+# Called with (samples served in this calibration pass, samples in the pass) after each
+# feed ONNX Runtime pulls: the command line draws a progress bar with it.
+_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar(
+    "calibration_progress", default=None
+)
+
+
+@contextmanager
+def calibration_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Report calibration progress to `callback` while the block runs."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 class DatasetReader:
@@ -73,6 +92,9 @@ class DatasetReader:
         if batch is None:
             return None
         self._pos += 1
+        hook = _PROGRESS.get()
+        if hook is not None:
+            hook(self._pos, self.count)
         return batch.feed
 
     def set_range(self, start_index: int, end_index: int) -> None:
