@@ -189,6 +189,25 @@ def _fixed_input_model(
     return fixed, assumed
 
 
+def macs_by_node(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, int]:
+    """Multiply-accumulates of each named Conv / Gemm / MatMul of the main graph that resolves."""
+    fixed, _ = _fixed_input_model(model, shapes or {})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):
+        return {}
+    known = _shape_map(inferred)
+    found = {}
+    for node in inferred.graph.node:
+        if node.op_type in MAC_OPS and node.name:
+            macs = _node_macs(node, known)
+            if macs is not None:
+                found[node.name] = macs
+    return found
+
+
 def estimate_macs(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, Any]:

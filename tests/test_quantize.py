@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from optimodel.data import load_data, model_input_specs
 from optimodel.errors import OptimodelError, UsageError
@@ -806,3 +806,73 @@ def test_quantize_on_a_terminal_draws_the_calibration_bar_with_memory(tmp_path):
     shown = b"".join(chunks).decode("utf-8", "replace")
     assert proc.returncode == 0, shown
     assert "calibrating" in shown and "RSS" in shown and " MB" in shown
+
+
+def _mlp_with_shape_path() -> onnx.ModelProto:
+    """x -> MatMul(W1) -> Reshape(shape from Shape(x)) -> MatMul(W2) -> MatMul(W3) -> y.
+
+    The input also reaches the second MatMul through Shape -> Reshape's shape argument:
+    that is not a data path, so the stem is the first MatMul alone.
+    """
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.standard_normal((64, 4)).astype(np.float32), "W3"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h1"], name="first"),
+        helper.make_node("Shape", ["x"], ["xs"], name="shape"),
+        helper.make_node("Slice", ["xs", "zero", "one"], ["xs_head"], name="slice"),
+        helper.make_node("Concat", ["xs_head", "minus_one"], ["xs_fixed"], name="cat", axis=0),
+        helper.make_node("Reshape", ["h1", "xs_fixed"], ["r"], name="reshape"),
+        helper.make_node("MatMul", ["r", "W2"], ["h2"], name="middle"),
+        helper.make_node("Relu", ["h2"], ["a2"], name="relu"),
+        helper.make_node("MatMul", ["a2", "W3"], ["y"], name="last"),
+    ]
+    inits += [
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_exclude_presets_pick_the_first_and_last_weighted_layers_along_data_paths():
+    from optimodel.quant.presets import preset_nodes
+
+    model = _mlp_with_shape_path()
+    feed = {"x": np.ones((2, 8), np.float32)}
+    assert preset_nodes(model, "stem", feed) == ["first"]
+    assert preset_nodes(model, "heads", feed) == ["last"]
+    assert sorted(preset_nodes(model, "ends", feed)) == ["first", "last"]
+    assert preset_nodes(model, "none", feed) == []
+    digits = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    ends = preset_nodes(digits, "ends")
+    ops = {n.name: n.op_type for n in digits.graph.node}
+    assert [ops[n] for n in ends] == ["Conv", "Gemm"]
+
+
+def test_exclude_preset_keeps_those_layers_in_float_and_says_so():
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    data = str(SAMPLES / "digits_test.npz")
+    result = get_pass(
+        "quantize", mode="static", calib_data=data, calib_samples=32, exclude_preset="ends"
+    ).run(model)
+    assert any("--exclude-preset ends: kept" in w for w in result.stats["warnings"])
+    float_gemm = [n for n in result.model.graph.node if n.op_type == "Gemm"]
+    assert float_gemm, "the Gemm head stays a float Gemm"
+    inputs = {n.output[0]: n.op_type for n in result.model.graph.node}
+    assert inputs.get(float_gemm[0].input[1]) != "DequantizeLinear"
+    with pytest.raises(UsageError, match="--exclude-preset body"):
+        get_pass("quantize", mode="static", calib_data=data, exclude_preset="body").run(model)

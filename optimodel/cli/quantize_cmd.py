@@ -68,6 +68,14 @@ def quantize(
     exclude_node: Annotated[
         Repeatable, _opt("--exclude-node", help="Keep this node in float, by name (repeatable).")
     ] = None,
+    exclude_preset: Annotated[
+        str | None,
+        _opt(
+            "--exclude-preset",
+            help="Keep layers in float by architecture: stem (first weighted layer), heads "
+            "(last ones), ends (both) or none; a layer doing >25% of the MACs is never kept.",
+        ),
+    ] = None,
     calib_data: Annotated[
         str | None,
         _opt(
@@ -201,6 +209,7 @@ def quantize(
         "op_types": op,
         "exclude_ops": exclude_op,
         "exclude_nodes": exclude_node,
+        "exclude_preset": exclude_preset,
         "calib_data": calib_data,
         "calib_method": calib_method,
         "calib_samples": calib_samples,

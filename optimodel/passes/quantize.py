@@ -49,6 +49,7 @@ from optimodel.modelio import (
 )
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
+from optimodel.quant.presets import PRESETS, preset_nodes
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
 from optimodel.quant.targets import TARGETS, check_target
 
@@ -230,6 +231,7 @@ class QuantizePass(Pass):
         "op_types": None,
         "exclude_ops": (),
         "exclude_nodes": (),
+        "exclude_preset": "none",  # quant/presets.py: stem | heads | ends
         "calib_data": None,
         "calib_method": None,
         "calib_samples": None,
@@ -555,11 +557,33 @@ class QuantizePass(Pass):
                 f"(layers that can be excluded: {', '.join(layers[:8]) or 'none'}"
                 f"{', ...' if len(layers) > 8 else ''})"
             )
+        preset = str(self.options["exclude_preset"] or "none")
+        if preset not in PRESETS:
+            raise UsageError(f"--exclude-preset {preset}: choose from {', '.join(PRESETS)}")
+        sample = self._sample_feed(model) if preset != "none" else None
+        kept = [n for n in preset_nodes(model, preset, sample) if n not in resolved]
+        if kept:
+            resolved.extend(kept)
+            warnings.append(f"--exclude-preset {preset}: kept {', '.join(kept)} in float")
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         absent = [op for op in self.options["exclude_ops"] or () if op not in present]
         if absent:
             warnings.append(f"--exclude-op {', '.join(absent)}: no such op in the model")
         return resolved
+
+    def _sample_feed(self, model: onnx.ModelProto) -> dict[str, Any] | None:
+        """The first calibration or evaluation sample (None for random data)."""
+        from optimodel.data import RANDOM, load_data, model_input_specs
+
+        o = self.options
+        source = o["calib_data"] or o["eval_data"]
+        if not source or str(source) == RANDOM:
+            return None
+        try:
+            first = next(iter(load_data(str(source), model_input_specs(model), num_samples=1)))
+        except (OptimodelError, StopIteration):
+            return None  # the calibration step reports bad data in one line
+        return first.feed
 
     # ------------------------------------------------------------------ modes
 
