@@ -165,6 +165,8 @@ class OrtTransformerFusion(GraphPattern):
         info: dict[str, Any] = {}
         unproven = _unproven_skips(model, result, types)
         if unproven:
+            unproven = _unproven_at_probe_sizes(model, result)
+        if unproven:
             unproven = _unproven_skips(model, result, {**types, **_symbolic_types(model)})
         if unproven:
             result, stats, capture = _optimize(model, enabled, shape_inference=True)
@@ -368,15 +370,47 @@ def _unproven_skips(
     ]
 
 
-def _symbolic_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Types from ONNX Runtime's symbolic shape inference (dims as expressions), or {}."""
+# Concrete sizes for every dynamic input dim: two, so that a broadcasting Add cannot hide
+# behind a size that happens to match (a dim of 1 against a broadcast 1).
+PROBE_SIZES = (29, 37)
+
+
+def _unproven_at_probe_sizes(model: onnx.ModelProto, result: onnx.ModelProto) -> list[str]:
+    """New skips whose two inputs do not have one shape at every probe size.
+
+    ONNX Runtime's symbolic inference with the dynamic dims fixed: 0.04 s on PP-OCR rec,
+    where symbolic dims (sympy) take 0.4 s. What this cannot show, symbols decide.
+    """
+    unproven: set[str] = set()
+    for size in PROBE_SIZES:
+        types = _symbolic_types(model, size)
+        if not types:
+            return _unproven_skips(model, result, {})
+        unproven.update(_unproven_skips(model, result, types))
+    return sorted(unproven)
+
+
+def _symbolic_types(model: onnx.ModelProto, size: int | None = None) -> dict[str, onnx.TypeProto]:
+    """Types from ONNX Runtime's symbolic shape inference, or {}.
+
+    `size`: every dynamic input dim set to it first (concrete dims, fast); else the dims
+    stay symbols (expressions of the input dims).
+    """
     # The transformers package's own entry: `onnxruntime.tools` imports torch when present.
     from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
 
+    light = shapes_only(model)
+    if size is not None:
+        for value in light.graph.input:
+            shape = value.type.tensor_type.shape if value.type.HasField("tensor_type") else None
+            for dim in shape.dim if shape is not None else ():
+                if not dim.HasField("dim_value"):
+                    dim.Clear()
+                    dim.dim_value = size
     try:
         with _captured():
             inferred = SymbolicShapeInferenceHelper.infer_shapes(
-                shapes_only(model), auto_merge=True, guess_output_rank=False
+                light, auto_merge=True, guess_output_rank=False
             )
     except Exception:  # it refuses some graphs (custom ops); then the slow path decides
         return {}
