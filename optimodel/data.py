@@ -97,6 +97,15 @@ def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
                         if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
                             rows = int(dims[axis])
                             limits[value.name] = min(limits.get(value.name, rows), rows)
+                    elif node.op_type == "EmbedLayerNormalization" and name in node.input[:2]:
+                        # ONNX Runtime's fused embedding lookup: input_ids index the word
+                        # table (input 2), segment_ids the segment table (input 4)
+                        position = 2 if node.input[0] == name else 4
+                        table = node.input[position] if len(node.input) > position else ""
+                        dims = tables.get(table)
+                        if dims and dims[0] > 0:
+                            rows = int(dims[0])
+                            limits[value.name] = min(limits.get(value.name, rows), rows)
                     elif node.op_type in _PASS_THROUGH and node.input[0] == name:
                         following.append(node.output[0])
             frontier = following

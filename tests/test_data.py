@@ -162,3 +162,48 @@ def test_random_ids_stay_inside_the_table_they_index():
     assert feed["tokens"].max() > 1 and feed["other"].max() > 1
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     session.run(None, feed)  # runs: no id outside its table
+
+
+def test_random_ids_stay_inside_onnxruntimes_fused_embedding_tables():
+    """After `fuse --target ort` the lookups are one EmbedLayerNormalization node."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    tables = {"word": (50, 16), "position": (8, 16), "segment": (2, 16)}
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in tables.items()
+    ]
+    inits += [
+        numpy_helper.from_array(np.ones(16, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "beta"),
+    ]
+    node = helper.make_node(
+        "EmbedLayerNormalization",
+        ["ids", "segments", "word", "position", "segment", "gamma", "beta"],
+        ["out", "mask_index"],
+        domain="com.microsoft",
+        epsilon=1e-5,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 8]),
+            helper.make_tensor_value_info("segments", TensorProto.INT32, [1, 8]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16])],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = 8
+    specs = {s.name: s for s in model_input_specs(model)}
+    assert specs["ids"].index_limit == 50 and specs["segments"].index_limit == 2
+    feed = next(iter(load_data("random", list(specs.values()), num_samples=1))).feed
+    assert feed["ids"].max() < 50 and feed["segments"].max() < 2
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, feed)[0].shape == (1, 8, 16)

@@ -336,3 +336,25 @@ def test_real_models_convert_load_and_agree(pattern, shape, ints, capsys):
     assert ratio < 0.56
     if "det" not in path.name:  # random pixels give the detector an all-background map
         assert cosine >= 0.999
+
+
+def test_fp16_converts_the_onnxruntime_ops_fuse_writes():
+    """fuse --target ort, then fp16: Attention, SkipLayerNormalization, BiasGelu go float16
+    (the order a GPU deployment wants), not kept float32 for want of an ONNX schema."""
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    fused = get_pass("fuse", target="ort").run(model).model
+    contrib = {n.op_type for n in fused.graph.node if n.domain == "com.microsoft"}
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= contrib
+    result = get_pass("fp16", keep_io_types=True).run(fused)
+    kept = {k["op"] for k in result.stats["kept"]}
+    assert not kept & contrib, result.stats["kept"]
+    half = {i.name for i in result.model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    for node in result.model.graph.node:
+        if node.op_type in ("Attention", "BiasGelu"):
+            assert any(name in half for name in node.input), node.op_type
+    feeds = _feeds(model, n=3)
+    ref, got = _session(model), _session(result.model)
+    for feed in feeds:
+        a = ref.run(None, feed)[0]
+        b = got.run(None, match_feed(result.model, feed))[0]
+        assert _cosine(a, np.asarray(b, np.float32)) > 0.999

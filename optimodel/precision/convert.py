@@ -44,6 +44,27 @@ ATTRIBUTE_TYPED = {
 }
 
 
+# ONNX Runtime's com.microsoft ops that `fuse --target ort` writes, which ONNX has no schema
+# for: every float input and output shares one type T (float or float16), except the
+# outputs listed, which stay float32 (SkipLayerNormalization's mean and inv_std_var).
+# ORT runs them in float16 on CUDA and, in recent versions, on the CPU; an older ORT
+# that cannot is caught by the load check, which keeps the node in float32.
+CONTRIB_T_OPS: dict[str, frozenset[int]] = {
+    "Attention": frozenset(),
+    "MultiHeadAttention": frozenset(),
+    "EmbedLayerNormalization": frozenset(),
+    "SkipLayerNormalization": frozenset({1, 2}),
+    "SkipSimplifiedLayerNormalization": frozenset({1, 2}),
+    "BiasGelu": frozenset(),
+    "FastGelu": frozenset(),
+    "Gelu": frozenset(),
+    "QuickGelu": frozenset(),
+    "BiasAdd": frozenset(),
+    "FusedMatMul": frozenset(),
+}
+MS_DOMAIN = "com.microsoft"
+
+
 @dataclass
 class Slots:
     """How one node's float inputs and outputs may be typed in the converted model."""
@@ -149,6 +170,8 @@ def node_slots(node: onnx.NodeProto, facts: GraphFacts, fmt: LowFormat) -> Slots
         return Slots(False, f"type of '{unknown[0]}' unknown")
     if any(facts.types.get(n) == NON_TENSOR for n in touched):
         return Slots(False, "reads or writes a sequence/map")
+    if node.domain == MS_DOMAIN and node.op_type in CONTRIB_T_OPS:
+        return Slots(fixed_out={i for i in float_out if i in CONTRIB_T_OPS[node.op_type]})
     if node.domain not in STANDARD_DOMAINS:
         return Slots(False, f"op of domain '{node.domain}' (no ONNX schema to check)")
     if has_subgraph(node):
