@@ -358,3 +358,33 @@ def test_fp16_converts_the_onnxruntime_ops_fuse_writes():
         a = ref.run(None, feed)[0]
         b = got.run(None, match_feed(result.model, feed))[0]
         assert _cosine(a, np.asarray(b, np.float32)) > 0.999
+
+
+@pytest.mark.parametrize(("opset", "converted"), [(11, False), (13, True)])
+def test_clip_goes_float16_only_where_cuda_has_the_kernel(opset, converted):
+    """ONNX Runtime's CUDA Clip takes float16 from opset 12; before, it would run on the CPU."""
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["m"], name="mul"),
+        helper.make_node("Clip", ["m", "lo", "hi"], ["y"], name="clip"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.full(4, 0.5, np.float32), "k"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    result = get_pass("fp16", keep_io_types=True).run(model)
+    kept = {k["node"]: k["reason"] for k in result.stats["kept"]}
+    assert ("clip" not in kept) == converted
+    if not converted:
+        assert "no float16 CUDA kernel" in kept["clip"]
+    feed = {"x": np.linspace(-4, 20, 8, dtype=np.float32).reshape(2, 4)}
+    np.testing.assert_allclose(_outputs(result.model, feed)[0], _outputs(model, feed)[0], atol=1e-2)

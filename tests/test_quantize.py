@@ -778,6 +778,9 @@ def test_calibration_reports_progress_per_sample():
     assert [d for d, _ in seen] == list(range(1, 25))
 
 
+RICH_OVERRIDES = ("NO_COLOR", "TTY_COMPATIBLE", "FORCE_COLOR")  # what tells rich "no terminal"
+
+
 def test_quantize_on_a_terminal_draws_the_calibration_bar_with_memory(tmp_path):
     import os
     import pty
@@ -790,7 +793,11 @@ def test_quantize_on_a_terminal_draws_the_calibration_bar_with_memory(tmp_path):
         [sys.executable, "-m", "optimodel", "quantize", str(SAMPLES / "digits_cnn.onnx"),
          "-o", str(out), "--mode", "static", "--calib-data", str(SAMPLES / "digits_test.npz")],
         stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=120,
-        env=dict(os.environ, COLUMNS="100"),
+        env={
+            **{k: v for k, v in os.environ.items() if k not in RICH_OVERRIDES},
+            "COLUMNS": "100",
+            "TERM": "xterm-256color",
+        },
     )  # fmt: skip
     os.close(secondary)
     chunks = []

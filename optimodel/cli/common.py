@@ -129,6 +129,8 @@ def calibration_bar(quiet: bool) -> Iterator[None]:
         kb = _proc_status_kb("VmRSS")
         rss = f"{kb / 1024:,.0f} MB" if kb else "?"
         progress.update(task, completed=done, total=total, rss=rss)
+        if done in (1, total):  # drawn at least once however fast calibration runs
+            progress.refresh()
 
     with progress:
         task = progress.add_task("calibrating", total=None, rss="-")
