@@ -35,6 +35,7 @@ RECIPE_SAMPLES = {
     "transformer-int8": ("transformer_block.onnx", None),
     "int4-weight-only": ("transformer_block.onnx", None),
     "fp16-gpu": ("transformer_block.onnx", None),
+    "fp16-cuda": ("transformer_block.onnx", None),
 }
 
 
