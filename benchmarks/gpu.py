@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import Feed, fidelity, latency, run_all  # noqa: E402
 
-from optimodel.runtime.bench import ASSIGNMENT_ENTRY, _assignment_counts  # noqa: E402
+from optimodel.runtime.bench import ASSIGNMENT_ENTRY, assignment_counts  # noqa: E402
 
 GPU_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
@@ -152,7 +152,7 @@ def _session(path: Path, provider: str | None) -> Any:
 
 
 def _placement(session: Any) -> dict[str, int] | None:
-    return _assignment_counts(session)
+    return assignment_counts(session)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -132,7 +132,7 @@ def _known(shape: list[int | None] | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
-def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int | None:
+def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int | None:
     kind = MAC_OPS[node.op_type]
     out = shapes.get(node.output[0]) if node.output else None
     if kind == "conv":
@@ -202,7 +202,7 @@ def macs_by_node(
     found = {}
     for node in inferred.graph.node:
         if node.op_type in MAC_OPS and node.name:
-            macs = _node_macs(node, known)
+            macs = node_macs(node, known)
             if macs is not None:
                 found[node.name] = macs
     return found
@@ -226,7 +226,7 @@ def estimate_macs(
         for node in graph.node:
             if node.op_type not in MAC_OPS:
                 continue
-            macs = _node_macs(node, known)
+            macs = node_macs(node, known)
             if macs is None:
                 unresolved += 1
             else:

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from optimodel.passes import get_pass
-from optimodel.runtime.bench import ASSIGNMENT_ENTRY, _assignment_counts
+from optimodel.runtime.bench import ASSIGNMENT_ENTRY, assignment_counts
 from optimodel.runtime.provider_probe import probe_provider
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -73,7 +73,7 @@ def test_fp16_model_runs_on_cuda_and_keeps_accuracy() -> None:
     fp16 = get_pass("fp16", keep_io_types=True).run(model).model
     reference = _logits(_gpu_session(CNN), images)
     session = _gpu_session(fp16)
-    counts = _assignment_counts(session) or {}
+    counts = assignment_counts(session) or {}
     assert counts.get(CUDA, 0) >= counts.get("CPUExecutionProvider", 0)
     logits = _logits(session, images)
     assert np.abs(logits - reference).max() < 0.05
@@ -94,7 +94,7 @@ def test_int8_for_cuda_runs_on_cuda_with_qdq_on_the_gpu() -> None:
     ops = {n.op_type for n in result.model.graph.node}
     assert "QuantizeLinear" in ops and not ops & {"ConvInteger", "MatMulInteger"}
     session = _gpu_session(result.model)
-    counts = _assignment_counts(session) or {}
+    counts = assignment_counts(session) or {}
     assert counts.get(CUDA, 0) > 0
     reference = _logits(_gpu_session(CNN), images)
     assert np.mean(_logits(session, images).argmax(-1) == reference.argmax(-1)) >= 0.95

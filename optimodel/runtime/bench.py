@@ -231,7 +231,7 @@ def has_assignment_api() -> bool:
     return hasattr(ort.InferenceSession, "get_provider_graph_assignment_info")
 
 
-def _assignment_counts(session: Any) -> dict[str, int] | None:
+def assignment_counts(session: Any) -> dict[str, int] | None:
     getter = getattr(session, "get_provider_graph_assignment_info", None)
     if getter is None:
         return None
@@ -372,7 +372,7 @@ def benchmark_model(
         nodes: dict[str, int] | None = None
         nodes_source: str | None = None
         if method == "assignment":
-            nodes = _assignment_counts(session)
+            nodes = assignment_counts(session)
             nodes_source = "assignment" if nodes is not None else None
         device = _io_device(active, config.provider_options)
         use_binding = device[0] != "cpu" if io_binding is None else io_binding
