@@ -50,8 +50,8 @@ def transform_file(
     source, target = Path(input_path), Path(output_path)
     check_output_path(target, input_path=source, force=force)
     report = Report(subcommand=subcommand)
-    model = load_model(source)
-    check_model(model, source, strict=True)
+    model = load_model(source, check=False)
+    check_model(model, source, strict=True)  # the plain checker and strict inference, once
     report.input_model = model_record(source, model)
     stage = None
     if verify:
