@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import Feed, fidelity, latency, run_all  # noqa: E402
+from tools import one_line  # noqa: E402
 
 from optimodel.runtime.bench import ASSIGNMENT_ENTRY, assignment_counts  # noqa: E402
 
@@ -138,26 +139,20 @@ def _build(folder: Path, variant: str, calib: list[Feed]) -> Path:
 
 
 def _session(path: Path, provider: str | None) -> Any:
+    """A session on `provider` (None: the CPU), the CPU behind a GPU for unsupported nodes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry(ASSIGNMENT_ENTRY, "1")
-    providers = [GPU_PROVIDERS[provider or "cpu"], "CPUExecutionProvider"][
-        : 1 if not provider or provider == "cpu" else 2
-    ]
-    if provider == "tensorrt":
-        providers.insert(1, "CUDAExecutionProvider")
+    chain = {
+        None: ["cpu"],
+        "cpu": ["cpu"],
+        "cuda": ["cuda", "cpu"],
+        "tensorrt": ["tensorrt", "cuda", "cpu"],
+    }[provider]
+    providers = [GPU_PROVIDERS[p] for p in chain]
     return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def _placement(session: Any) -> dict[str, int] | None:
-    return assignment_counts(session)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _rows(feed: Feed) -> int:
@@ -201,11 +196,11 @@ def measure_model(folder: Path, task: str | None, provider: str, budget_s: float
             sess = _session(path, provider)
             row["load_s"] = time.perf_counter() - start
             row["providers"] = sess.get_providers()
-            row["placement"] = _placement(sess)
+            row["placement"] = assignment_counts(sess)
             row["fidelity"] = fidelity(reference, run_all(sess, names, evals), task)
             sessions[variant] = sess
         except Exception as exc:  # a variant that fails is a figure, not a stop
-            row["error"] = _one_line(exc)
+            row["error"] = one_line(exc)
     if "original" in sessions:
         timed = latency(sessions, latency_feed, rounds=30, block_s=0.05, budget_s=budget_s)
         for variant, figures in timed.items():
@@ -269,7 +264,7 @@ def measure(folder: Path, providers: list[str], budget_s: float) -> dict[str, An
                     folder / name, info["task"], provider, budget_s
                 )
             except Exception as exc:  # one model's failure is recorded, the rest still run
-                entry["models"][name] = {"error": _one_line(exc), "variants": {}}
+                entry["models"][name] = {"error": one_line(exc), "variants": {}}
     return result
 
 

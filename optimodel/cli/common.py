@@ -83,20 +83,26 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _bar(*extra: TextColumn) -> Progress:
+    """The progress bar every command draws on stderr: label, bar, M/N, elapsed (+ extra)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        *extra,
+        console=err_console,
+        transient=True,
+    )
+
+
 @contextmanager
 def feed_progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[], None]]:
     """A rich progress bar on stderr; a no-op when quiet or not a terminal."""
     if quiet or not sys.stderr.isatty():
         yield lambda: None
         return
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
+    progress = _bar()
     with progress:
         task = progress.add_task(label, total=total)
         yield lambda: progress.advance(task)
@@ -115,15 +121,7 @@ def calibration_bar(quiet: bool) -> Iterator[None]:
     if quiet or not sys.stderr.isatty():
         yield
         return
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("RSS {task.fields[rss]}"),
-        console=err_console,
-        transient=True,
-    )
+    progress = _bar(TextColumn("RSS {task.fields[rss]}"))
 
     def update(done: int, total: int) -> None:
         kb = _proc_status_kb("VmRSS")
