@@ -862,3 +862,138 @@ def test_ort_fusion_that_changes_the_output_is_declined():
 def _run_model(model: onnx.ModelProto, feed: dict) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)[0]
+
+
+# -- dynamo-exported attention -----------------------------------------------------------------
+
+
+def _dynamo_attention(hidden: int = 16, head: int = 8, swap_grids: bool = False):
+    """One BERT layer as torch.onnx.export(dynamo=True) writes it for transformers 5.
+
+    The padding mask is looked up as GatherND(mask, [batch, key] index grids) under an
+    always-true query term, then Where(..., 0, min); the scale is a Mul after Q K^T.
+    `swap_grids` reads mask[key, batch] instead, which must not be taken for a mask.
+    """
+    rng = np.random.default_rng(7)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return _const(name, (rng.standard_normal(shape) * 0.3).astype(np.float32))
+
+    i64 = lambda name, *v: _const(name, np.array(v, dtype=np.int64))  # noqa: E731
+    inits = [
+        i64("zero", 0),
+        i64("one", 1),
+        i64("ax12", 1, 2),
+        i64("ax01", 0, 1),
+        i64("ax2", 2),
+        i64("ax3", 3),
+        i64("axm1", -1),
+        i64("heads", -1),
+        i64("head_size", head),
+        _const("all_true", np.array(True)),
+        _const("keep", np.array(0.0, dtype=np.float32)),
+        _const("fill", np.array(np.finfo(np.float32).min, dtype=np.float32)),
+        _const("scale", np.array(1 / np.sqrt(head), dtype=np.float32)),
+        _const("ln_g", np.ones(hidden, np.float32)),
+        _const("ln_b", np.zeros(hidden, np.float32)),
+    ]
+    for name in ("q", "k", "v", "o"):
+        inits += [weight(f"w_{name}", hidden, hidden), weight(f"b_{name}", hidden)]
+    grids = ("u_b", "u_k") if not swap_grids else ("u_k", "u_b")
+    node = helper.make_node
+    nodes = [
+        node("LayerNormalization", ["x", "ln_g", "ln_b"], ["h"], epsilon=1e-12),
+        node("Shape", ["x"], ["dim_b"], start=0, end=1),
+        node("Shape", ["x"], ["dim_s"], start=1, end=2),
+        node("Squeeze", ["dim_b"], ["n_b"]),
+        node("Squeeze", ["dim_s"], ["n_s"]),
+        node("Cast", ["attention_mask"], ["mask"], to=TensorProto.BOOL),
+        node("Range", ["zero", "n_b", "one"], ["r_b"]),
+        node("Range", ["zero", "n_s", "one"], ["r_s"]),
+        node("Unsqueeze", ["r_b", "ax12"], ["b3"]),
+        node("Unsqueeze", ["b3", "ax3"], ["b4"]),  # [B, 1, 1, 1]
+        node("Unsqueeze", ["r_s", "ax01"], ["s3"]),
+        node("Unsqueeze", ["s3", "ax3"], ["q4"]),  # [1, 1, S, 1]
+        node("Unsqueeze", ["s3", "ax2"], ["k4"]),  # [1, 1, 1, S]
+        node("GreaterOrEqual", ["q4", "zero"], ["q_ok"]),
+        node("And", ["all_true", "q_ok"], ["rows_ok"]),
+        node("Max", ["b4", "k4"], ["bk"]),
+        node("Shape", ["bk"], ["bk_shape"]),
+        node("Expand", ["b4", "bk_shape"], ["e_b"]),
+        node("Unsqueeze", ["e_b", "axm1"], ["u_b"]),
+        node("Expand", ["k4", "bk_shape"], ["e_k"]),
+        node("Unsqueeze", ["e_k", "axm1"], ["u_k"]),
+        node("Concat", list(grids), ["index"], axis=-1),
+        node("GatherND", ["mask", "index"], ["allowed"]),
+        node("And", ["rows_ok", "allowed"], ["cond"]),
+        node("Where", ["cond", "keep", "fill"], ["additive"]),
+        node("Concat", ["dim_b", "dim_s", "heads", "head_size"], ["split"], axis=0),
+        node("Concat", ["dim_b", "dim_s", "heads"], ["merge"], axis=0),
+    ]
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [
+            node("MatMul", ["h", f"w_{name}"], [f"{name}_mm"]),
+            node("Add", [f"{name}_mm", f"b_{name}"], [f"{name}_lin"]),
+            node("Reshape", [f"{name}_lin", "split"], [f"{name}_4d"], allowzero=1),
+            node("Transpose", [f"{name}_4d"], [f"{name}_t"], perm=perm),
+        ]
+    nodes += [
+        node("MatMul", ["q_t", "k_t"], ["scores"]),
+        node("Mul", ["scores", "scale"], ["scaled"]),
+        node("Add", ["scaled", "additive"], ["masked"]),
+        node("Softmax", ["masked"], ["probs"], axis=-1),
+        node("MatMul", ["probs", "v_t"], ["ctx"]),
+        node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        node("Reshape", ["ctx_t", "merge"], ["ctx_3d"], allowzero=1),
+        node("MatMul", ["ctx_3d", "w_o"], ["o_mm"]),
+        node("Add", ["o_mm", "b_o"], ["o_lin"]),
+        node("Add", ["o_lin", "h"], ["residual"]),
+        node("LayerNormalization", ["residual", "ln_g", "ln_b"], ["y"], epsilon=1e-12),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", F, ["batch", "sequence", hidden]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", F, ["batch", "sequence", hidden])]
+    return _model(nodes, inputs, outputs, inits)
+
+
+def _masked_feed(batch: int, seq: int, hidden: int = 16) -> dict[str, np.ndarray]:
+    mask = np.ones((batch, seq), dtype=np.int64)
+    mask[0, seq - 2 :] = 0  # right padding
+    mask[-1, 1] = 0  # a hole: the raw 2-D mask keeps its meaning
+    return {"x": _x(batch, seq, hidden), "attention_mask": mask}
+
+
+def test_dynamo_exported_attention_fuses_after_its_mask_is_rewritten():
+    from optimodel.fusions.attention_mask import normalize_attention_masks
+    from optimodel.passes.fuse import _infer
+
+    model = _dynamo_attention()
+    # the rewrite alone computes the very same numbers
+    rewritten = normalize_attention_masks(model, _infer(model))
+    assert rewritten.rewritten == 1 and rewritten.model is not None
+    onnx.checker.check_model(rewritten.model)
+    feed = _masked_feed(2, 6)
+    for a, b in zip(_run(model, feed), _run(rewritten.model, feed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    result = _fuse(model, target="ort")
+    assert result.stats["fired"]["attention"] == 1
+    assert result.stats["attention_masks_rewritten"] == 1
+    ops = _ops(result.model)
+    assert ops["Attention"] + ops["MultiHeadAttention"] == 1
+    assert ops["Softmax"] == ops["GatherND"] == ops["Where"] == 0
+    onnx.checker.check_model(result.model)
+    for batch, seq in ((1, 5), (3, 6)):
+        _same_outputs(model, result.model, _masked_feed(batch, seq), tol=1e-4)
+
+
+def test_dynamo_mask_read_another_way_is_left_alone_with_a_reason():
+    model = _dynamo_attention(swap_grids=True)  # mask[key, batch]: not a padding mask
+    result = _fuse(model, target="ort")
+    assert result.stats["fired"]["attention"] == 0
+    assert "attention_masks_rewritten" not in result.stats
+    reason = _reasons(result, "attention")[0]
+    assert "failed to match mask path" in reason and "mask[batch, key]" in reason
+    assert _ops(result.model)["GatherND"] == 1

@@ -9,7 +9,9 @@ the `com.microsoft` opset is imported, and a LayerNormalization left on its own 
 opset 17 or a SimplifiedLayerNormalization (which ONNX Runtime accepts in the default
 domain but the ONNX checker does not) is written out as standard ops again. The raw
 attention mask format is used, so the fused model takes the same inputs with the same
-meaning.
+meaning. Additive masks in a form ORT's matcher does not know (the dynamo exporter's
+GatherND lookup) are rewritten first with the same numbers (`attention_mask`), and that
+rewrite is kept only where Attention then fuses.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import onnx
 
 from optimodel.fusions import GraphOutcome, GraphPattern, GraphView, register, shapes_only
+from optimodel.fusions.attention_mask import MaskRewrite, normalize_attention_masks
 from optimodel.fusions.layernorm import LAYERNORM_OPSET, expand_layernorm
 from optimodel.graphs import STANDARD_DOMAINS, copy_model, value_types
 from optimodel.modelio import tensor_array
@@ -156,50 +159,77 @@ class OrtTransformerFusion(GraphPattern):
             from onnxruntime.transformers.optimizer import optimize_model  # noqa: F401
         except ImportError as exc:
             return GraphOutcome(None, declined=[_decline(f"onnxruntime.transformers: {exc}")])
-        # ONNX Runtime re-runs its symbolic shape inference up to four times (seconds on
-        # a large graph) only to keep SkipLayerNormalization off broadcasting Adds. So
-        # run without it, then prove the new SkipLayerNormalization inputs have one
-        # shape: by ONNX's inference, else by one symbolic inference of our own, else by
-        # running ONNX Runtime's optimizer again with its checks on.
-        result, stats, capture = _optimize(model, enabled, shape_inference=False)
-        info: dict[str, Any] = {}
-        unproven = _unproven_skips(model, result, types)
-        if unproven:
-            unproven = _unproven_at_probe_sizes(model, result)
-        if unproven:
-            unproven = _unproven_skips(model, result, {**types, **_symbolic_types(model)})
-        if unproven:
-            result, stats, capture = _optimize(model, enabled, shape_inference=True)
-            info["ort_symbolic_shape_inference"] = True
-        info["ort_fused_operators"] = {k: v for k, v in stats.items() if v}
-        _standard_clean(result)
-        before, after = _op_counts(model), _op_counts(result)
-        declined: list[dict[str, str]] = []
-        attention_ops = FUSED_OPS["attention"]
-        if "attention" in enabled and sum(after[op] - before[op] for op in attention_ops) <= 0:
-            why = _messages(capture)
-            reason = "; ".join(why[-3:]) if why else "no attention subgraph matched"
-            declined.append({"pattern": "attention", "node": "", "reason": reason})
-        if after == before:
-            return GraphOutcome(None, declined=declined, info=info)
-        try:
-            onnx.checker.check_model(result)
-        except (onnx.checker.ValidationError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
-            reason = f"the fused model fails the ONNX checker ({first}); nothing fused"
-            return GraphOutcome(None, declined=[_decline(reason)], info=info)
-        problem = _probe_differs(model, result)
-        if problem:
-            reason = f"ONNX Runtime's fusions changed what the graph computes ({problem}); "
-            return GraphOutcome(None, declined=[_decline(reason + "nothing fused")], info=info)
-        fired = {
-            name: max(0, sum(after[op] for op in ops) - sum(before[op] for op in ops))
-            for name, ops in FUSED_OPS.items()
-            if name in enabled
-        }
-        return GraphOutcome(
-            result, fired={k: v for k, v in fired.items() if v}, declined=declined, info=info
-        )
+        # Masks in forms ORT's attention matcher does not know are rewritten first (same
+        # numbers); the rewrite is kept only where attention then fuses.
+        masks = MaskRewrite(None, 0, [])
+        if "attention" in enabled:
+            masks = normalize_attention_masks(model, types)
+        if masks.model is None:
+            return _fuse_with_ort(model, model, enabled, types, masks.declined)
+        outcome = _fuse_with_ort(model, masks.model, enabled, types, masks.declined)
+        if outcome.fired.get("attention"):
+            outcome.info["attention_masks_rewritten"] = masks.rewritten
+            return outcome
+        plain = _fuse_with_ort(model, model, enabled, types, masks.declined)
+        why = [d for d in outcome.declined if d["pattern"] == "attention"]
+        plain.declined = why + [d for d in plain.declined if d["pattern"] != "attention"]
+        return plain
+
+
+def _fuse_with_ort(
+    model: onnx.ModelProto,
+    prepared: onnx.ModelProto,
+    enabled: set[str],
+    types: dict[str, onnx.TypeProto],
+    mask_notes: list[str],
+) -> GraphOutcome:
+    """ORT's fusions run on `prepared` (`model` or an exact rewrite of it), judged
+    against `model`: op counts, the checker and probe runs."""
+    # ONNX Runtime re-runs its symbolic shape inference up to four times (seconds on
+    # a large graph) only to keep SkipLayerNormalization off broadcasting Adds. So
+    # run without it, then prove the new SkipLayerNormalization inputs have one
+    # shape: by ONNX's inference, else by one symbolic inference of our own, else by
+    # running ONNX Runtime's optimizer again with its checks on.
+    result, stats, capture = _optimize(prepared, enabled, shape_inference=False)
+    info: dict[str, Any] = {}
+    unproven = _unproven_skips(prepared, result, types)
+    if unproven:
+        unproven = _unproven_at_probe_sizes(prepared, result)
+    if unproven:
+        unproven = _unproven_skips(prepared, result, {**types, **_symbolic_types(prepared)})
+    if unproven:
+        result, stats, capture = _optimize(prepared, enabled, shape_inference=True)
+        info["ort_symbolic_shape_inference"] = True
+    info["ort_fused_operators"] = {k: v for k, v in stats.items() if v}
+    _standard_clean(result)
+    before, after = _op_counts(model), _op_counts(result)
+    declined: list[dict[str, str]] = []
+    attention_ops = FUSED_OPS["attention"]
+    if "attention" in enabled and sum(after[op] - before[op] for op in attention_ops) <= 0:
+        why = _messages(capture)
+        reason = "; ".join(why[-3:]) if why else "no attention subgraph matched"
+        reason = "; ".join([reason, *mask_notes[:2]])
+        declined.append({"pattern": "attention", "node": "", "reason": reason})
+    if after == before:
+        return GraphOutcome(None, declined=declined, info=info)
+    try:
+        onnx.checker.check_model(result)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        reason = f"the fused model fails the ONNX checker ({first}); nothing fused"
+        return GraphOutcome(None, declined=[_decline(reason)], info=info)
+    problem = _probe_differs(model, result)
+    if problem:
+        reason = f"ONNX Runtime's fusions changed what the graph computes ({problem}); "
+        return GraphOutcome(None, declined=[_decline(reason + "nothing fused")], info=info)
+    fired = {
+        name: max(0, sum(after[op] for op in ops) - sum(before[op] for op in ops))
+        for name, ops in FUSED_OPS.items()
+        if name in enabled
+    }
+    return GraphOutcome(
+        result, fired={k: v for k, v in fired.items() if v}, declined=declined, info=info
+    )
 
 
 def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
