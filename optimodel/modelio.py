@@ -8,6 +8,7 @@ external-data location out of the model's folder.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shlex
 import shutil
@@ -259,24 +260,37 @@ def load_model(
     return model
 
 
+def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's type and shape call for (sub-byte types packed), None if unknown."""
+    from onnx import helper
+
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    bits = _SUB_BYTE_BITS.get(tensor.data_type)
+    return (count * bits + 7) // 8 if bits else count * itemsize
+
+
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes a tensor's payload takes, whether raw, typed or external."""
+    """Bytes a tensor's payload takes, whether raw, typed or external.
+
+    Reading `raw_data` copies it (protobuf hands out a new bytes object), so a raw
+    tensor's size comes from its type and shape, which `_check_raw_sizes` holds it to.
+    """
     if _uses_external_data(tensor):
         length = _external_info(tensor).get("length")
         if length:
             return int(length)
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    from onnx import helper
-
-    try:
-        elem = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        elem = 4
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return count * elem
+    declared = _declared_bytes(tensor)
+    if tensor.HasField("raw_data"):
+        return declared if declared is not None else len(tensor.raw_data)
+    return declared if declared is not None else 4 * math.prod(tensor.dims)
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -286,6 +300,18 @@ def model_size(model: onnx.ModelProto) -> int:
         return model.ByteSize() + external
     except (ValueError, OverflowError):  # pragma: no cover - protobuf refuses >2 GB
         return sum(tensor_bytes(t) for t in iter_tensors(model))
+
+
+def near_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether the model (with its external data) reaches EXTERNAL_DATA_THRESHOLD.
+
+    Tensor payloads are summed first, which is cheap; only a model whose tensors alone come
+    within half the threshold is measured exactly (ByteSize costs as much as serializing).
+    """
+    payload = sum(tensor_bytes(t) for t in iter_tensors(model))
+    if payload < EXTERNAL_DATA_THRESHOLD // 2:
+        return False
+    return model_size(model) >= EXTERNAL_DATA_THRESHOLD
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -341,22 +367,12 @@ def _check_raw_sizes(model: onnx.ModelProto, source: str | os.PathLike[str]) -> 
     The ONNX checker refuses too few bytes but lets too many through, and every
     later reader (numpy_helper.to_array) would then fail on the reshape.
     """
-    from onnx import helper
-
     for tensor in iter_tensors(model):
-        if not tensor.raw_data or _uses_external_data(tensor):
+        if not tensor.HasField("raw_data") or _uses_external_data(tensor):
             continue
-        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-            continue
-        try:
-            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except (KeyError, TypeError, ValueError):
+        need = _declared_bytes(tensor)
+        if need is None:
             continue  # unknown type: the checker's business
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        bits = _SUB_BYTE_BITS.get(tensor.data_type)
-        need = (count * bits + 7) // 8 if bits else count * itemsize
         if len(tensor.raw_data) != need:
             raise ModelLoadError(
                 f"{source}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
@@ -365,12 +381,21 @@ def _check_raw_sizes(model: onnx.ModelProto, source: str | os.PathLike[str]) -> 
 
 
 def check_model(
-    model: onnx.ModelProto, source: str | os.PathLike[str] = "model", *, strict: bool = False
-) -> None:
+    model: onnx.ModelProto,
+    source: str | os.PathLike[str] = "model",
+    *,
+    strict: bool = False,
+    serialized: bytes | None = None,
+    raw_sizes: bool = True,
+) -> int:
     """Run the ONNX checker; a failure becomes one line naming the model and the problem.
 
     `strict` adds type and shape inference, which custom-domain ops are exempt from
-    (their schemas are unknown, so inference cannot judge them).
+    (their schemas are unknown, so inference cannot judge them). `serialized` is the
+    model's bytes when the caller already has them. `raw_sizes=False` skips holding raw
+    tensors to their declared sizes (each read copies the bytes), for a model this
+    process wrote itself. Returns the model's size in bytes (serialized plus external
+    data), which the caller would otherwise pay for again.
     """
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
@@ -383,22 +408,28 @@ def check_model(
             raise ModelLoadError(
                 f"{source}: uses opset {opset.version}, newer than this onnx supports ({newest})"
             )
-    huge = model_size(model) >= EXTERNAL_DATA_THRESHOLD and Path(str(source)).is_file()
+    huge = near_protobuf_limit(model) and Path(str(source)).is_file()
     lazy = external_folder(model) if has_external_tensors(model) else None
+    if huge:
+        payload: str | bytes = str(source)
+        size = model_size(model)
+    else:  # serialized once, for the checker, the strict check and the size
+        payload = serialized if serialized is not None else model.SerializeToString()
+        size = len(payload) + sum(
+            tensor_bytes(t) for t in iter_tensors(model) if _uses_external_data(t)
+        )
     try:
-        if huge:
-            onnx.checker.check_model(str(source))
-        else:
-            with _in_folder(lazy):
-                onnx.checker.check_model(model)
+        with _in_folder(None if huge else lazy):
+            onnx.checker.check_model(payload)
     except (onnx.checker.ValidationError, ValueError) as exc:
         reason = " ".join(str(exc).split("\n")[0:1]).strip() or type(exc).__name__
         raise ModelLoadError(f"{source}: fails the ONNX checker: {reason}") from exc
-    _check_raw_sizes(model, source)
+    if raw_sizes:
+        _check_raw_sizes(model, source)
     if strict and not huge and not custom_domains(model):
         try:
             with _in_folder(lazy):
-                onnx.checker.check_model(model, full_check=True)
+                onnx.checker.check_model(payload, full_check=True)
         except (
             onnx.checker.ValidationError,
             onnx.shape_inference.InferenceError,
@@ -406,6 +437,7 @@ def check_model(
         ) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"{source}: fails ONNX type/shape inference: {reason}") from exc
+    return size
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -588,7 +620,7 @@ def save_model(
     if not lazy:
         _strip_folder(model)  # all its data is in memory now: the folder no longer matters
     use_external = lazy or (
-        external_data if external_data is not None else model_size(model) >= EXTERNAL_DATA_THRESHOLD
+        external_data if external_data is not None else near_protobuf_limit(model)
     )
     data_name = f"{out.name}.data"
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed earlier save
@@ -612,12 +644,13 @@ def save_model(
                 convert_attribute=True,
             )
         else:
+            payload = model.SerializeToString()
             with open(tmp_model, "wb") as handle:
-                handle.write(model.SerializeToString())
+                handle.write(payload)
+            if check:
+                check_model(model, out, serialized=payload)
         if check and use_external:
             onnx.checker.check_model(str(tmp_model))
-        elif check:
-            check_model(model, out)
         _fsync_file(tmp_model)
         tmp_data = tmp_dir / data_name
         if tmp_data.exists():

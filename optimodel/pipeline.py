@@ -164,26 +164,28 @@ def _accept(
     stage: StageOutputs | None,
     p: Pass,
     source: str,
-) -> bool:
-    """Check and verify a pass's output; False (pass skipped, said) if it is unusable.
+) -> int | None:
+    """Check and verify a pass's output: its size in bytes, or None (pass skipped, said)
+    if it is unusable.
 
     A numeric divergence is not skipped: it raises, naming the pass, because it means
     the pass is wrong for this model and the user must know.
     """
     where = f"pass '{p.name}'"
     try:
-        check_model(candidate, f"{source} after {where}")
+        # numpy_helper wrote every tensor a pass made: their raw sizes hold by construction
+        size = check_model(candidate, f"{source} after {where}", raw_sizes=False)
     except OptimodelError as exc:
         record.status, record.reason = "skipped", f"its output fails the checker: {exc.message}"
-        return False
+        return None
     if stage is None:
-        return True
+        return size
     try:
         names, outputs = stage.run(candidate, f"{source} after {where}")
     except OptimodelError as exc:  # the rewrite no longer loads or runs
         record.status = "skipped"
         record.reason = f"its output does not run in ONNX Runtime: {exc.message}"
-        return False
+        return None
     record.verification = stage.compare(names, outputs, p.tolerance, where)
     if not record.verification["ok"]:
         raise VerificationError(
@@ -191,7 +193,7 @@ def _accept(
             f"{'; '.join(record.verification['violations'][:3])}; skip it or report the model"
         )
     stage.set(names, outputs)
-    return True
+    return size
 
 
 def run_passes(
@@ -204,11 +206,13 @@ def run_passes(
     source: str = "model",
     on_pass: Callable[[PassRecord], None] | None = None,
     stage: StageOutputs | None = None,
+    size: int | None = None,
 ) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply passes in order, verifying each against the stage before it.
 
     `batches=None` skips the numeric comparison (`--no-verify`); the checker always runs.
     A `stage` whose input outputs are already set (see `transform_file`) is used as is.
+    `size` is the input's size in bytes when the caller knows it (from its check).
     """
     if stage is None and batches is not None:
         stage = StageOutputs(batches, session_config)
@@ -216,9 +220,10 @@ def run_passes(
         stage.set(*stage.run(model, source))
     records = []
     current = model
+    current_size = size if size is not None else model_size(model)
     for p in passes:
         record = PassRecord(
-            name=p.name, nodes_before=count_nodes(current), bytes_before=model_size(current)
+            name=p.name, nodes_before=count_nodes(current), bytes_before=current_size
         )
         start = time.perf_counter()
         try:
@@ -238,10 +243,11 @@ def run_passes(
             record.modified = result.modified
             record.stats = result.stats
             record.declined = result.declined
-            if result.modified and _accept(result.model, record, stage, p, source):
-                current = result.model
+            accepted = _accept(result.model, record, stage, p, source) if result.modified else None
+            if accepted is not None:
+                current, current_size = result.model, accepted
         record.nodes_after = count_nodes(current)
-        record.bytes_after = model_size(current)
+        record.bytes_after = current_size
         records.append(record)
         if on_pass:
             on_pass(record)

@@ -51,7 +51,7 @@ def transform_file(
     check_output_path(target, input_path=source, force=force)
     report = Report(subcommand=subcommand)
     model = load_model(source, check=False)
-    check_model(model, source, strict=True)  # the plain checker and strict inference, once
+    size = check_model(model, source, strict=True)  # the plain checker and strict inference
     report.input_model = model_record(source, model)
     stage = None
     if verify:
@@ -72,6 +72,7 @@ def transform_file(
         source=str(source),
         on_pass=on_pass,
         stage=stage,
+        size=size,
     )
     report.passes = [r.to_dict() for r in records]
     for record in records:

@@ -29,7 +29,7 @@ from optimodel.fusions import GraphOutcome, GraphPattern, GraphView, register, s
 from optimodel.fusions.attention_mask import MaskRewrite, normalize_attention_masks
 from optimodel.fusions.layernorm import LAYERNORM_OPSET, expand_layernorm
 from optimodel.graphs import STANDARD_DOMAINS, copy_model, value_types
-from optimodel.modelio import tensor_array
+from optimodel.modelio import has_external_tensors, tensor_array
 
 MS_DOMAIN = "com.microsoft"
 # Pattern name -> the ONNX Runtime ops that hold one such fusion each.
@@ -212,13 +212,15 @@ def _fuse_with_ort(
         declined.append({"pattern": "attention", "node": "", "reason": reason})
     if after == before:
         return GraphOutcome(None, declined=declined, info=info)
+    # serialized once for the checker and the probe session (seconds on a large model)
+    payload = None if has_external_tensors(result) else result.SerializeToString()
     try:
-        onnx.checker.check_model(result)
+        onnx.checker.check_model(payload if payload is not None else result)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         reason = f"the fused model fails the ONNX checker ({first}); nothing fused"
         return GraphOutcome(None, declined=[_decline(reason)], info=info)
-    problem = _probe_differs(model, result)
+    problem = _probe_differs(model, payload if payload is not None else result)
     if problem:
         reason = f"ONNX Runtime's fusions changed what the graph computes ({problem}); "
         return GraphOutcome(None, declined=[_decline(reason + "nothing fused")], info=info)
@@ -232,7 +234,7 @@ def _fuse_with_ort(
     )
 
 
-def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto | bytes) -> str | None:
     """Run both graphs on probe inputs; a description of a difference, or None.
 
     ORT's pattern matchers assume exporter-shaped graphs: a Reshape target with batch and
@@ -244,9 +246,11 @@ def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto) -> str | Non
 
     from optimodel.data import load_data, model_input_specs
     from optimodel.errors import OptimodelError
-    from optimodel.runtime.sessions import create_session, run_session
+    from optimodel.runtime.sessions import SessionConfig, create_session, run_session
 
     specs = model_input_specs(before)
+    # The graphs as written are what is compared: ORT's own rewrites would only add load time.
+    config = SessionConfig(optimization="disable")
     ref_session = after_session = None
     for batch_size in (1, 2):
         try:
@@ -254,12 +258,12 @@ def _probe_differs(before: onnx.ModelProto, after: onnx.ModelProto) -> str | Non
                 "random", specs, batch_size=batch_size, num_samples=1, int_range=(0, 1)
             )
             feed = next(iter(data)).feed
-            ref_session = ref_session or create_session(before, source="before fusion")
+            ref_session = ref_session or create_session(before, config, source="before fusion")
             ref = run_session(ref_session, feed)
         except OptimodelError:
             continue  # the input does not run on this probe: the pipeline judges it
         try:
-            after_session = after_session or create_session(after, source="after fusion")
+            after_session = after_session or create_session(after, config, source="after fusion")
             got = run_session(after_session, feed)
         except OptimodelError as exc:
             return f"the fused graph fails on a probe input: {exc.message[:120]}"

@@ -38,13 +38,12 @@ from optimodel.errors import OptimodelError, UsageError
 from optimodel.fusions.fused_conv import expand_fused_conv
 from optimodel.graphs import copy_model
 from optimodel.modelio import (
-    EXTERNAL_DATA_THRESHOLD,
     external_folder,
     has_external_tensors,
     in_external_folder,
     infer_shapes,
     iter_graphs,
-    model_size,
+    near_protobuf_limit,
     write_streaming,
 )
 from optimodel.passes.base import Pass, PassResult, register_pass
@@ -180,7 +179,7 @@ def _save(model: onnx.ModelProto, path: Path) -> bool:
     if has_external_tensors(model) and external_folder(model) is not None:
         write_streaming(model, path, f"{path.name}.data")  # lazily loaded: file to file
         return True
-    big = model_size(model) >= EXTERNAL_DATA_THRESHOLD
+    big = near_protobuf_limit(model)
     onnx.save_model(
         model,
         str(path),

@@ -98,7 +98,7 @@ def _session_error(source: str, exc: Exception) -> OptimodelError:
 
 
 def create_session(
-    model: str | os.PathLike[str] | onnx.ModelProto,
+    model: str | os.PathLike[str] | onnx.ModelProto | bytes,
     config: SessionConfig | None = None,
     *,
     source: str | None = None,
@@ -130,11 +130,13 @@ def create_session(
             raise OptimodelError(f"{library}: custom op library not found")
         options.register_custom_ops_library(str(library))
     provider_args = [(p, config.provider_options.get(p, {})) for p in providers]
-    name = source or (str(model) if not isinstance(model, onnx.ModelProto) else "model")
+    name = source or (str(model) if isinstance(model, (str, os.PathLike)) else "model")
     try:
-        if isinstance(model, onnx.ModelProto):
+        if isinstance(model, bytes):  # already serialized, all its data inside
+            payload: Any = model
+        elif isinstance(model, onnx.ModelProto):
             point_to_external_data(model, options)
-            payload: Any = model.SerializeToString()
+            payload = model.SerializeToString()
         else:
             payload = str(model)
         return ort.InferenceSession(payload, sess_options=options, providers=provider_args)
