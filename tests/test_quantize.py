@@ -786,9 +786,24 @@ def test_quantize_on_a_terminal_draws_the_calibration_bar_with_memory(tmp_path):
     import pty
     import subprocess
     import sys
+    import threading
 
     main, secondary = pty.openpty()
     out = tmp_path / "q.onnx"
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while it runs: a full terminal buffer would block the child
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     proc = subprocess.run(
         [sys.executable, "-m", "optimodel", "quantize", str(SAMPLES / "digits_cnn.onnx"),
          "-o", str(out), "--mode", "static", "--calib-data", str(SAMPLES / "digits_test.npz")],
@@ -800,15 +815,7 @@ def test_quantize_on_a_terminal_draws_the_calibration_bar_with_memory(tmp_path):
         },
     )  # fmt: skip
     os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
+    reader.join(timeout=10)
     os.close(main)
     shown = b"".join(chunks).decode("utf-8", "replace")
     assert proc.returncode == 0, shown
