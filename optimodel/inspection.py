@@ -116,7 +116,9 @@ def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
             ttype = value.type.tensor_type
             if ttype.HasField("shape"):
                 shapes[value.name] = [
-                    int(d.dim_value) if d.HasField("dim_value") else None for d in ttype.shape.dim
+                    # -1 / 0 (as some exporters write a dynamic dim) count as unknown
+                    int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in ttype.shape.dim
                 ]
         for init in graph.initializer:
             shapes[init.name] = list(init.dims)

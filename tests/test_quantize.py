@@ -890,3 +890,63 @@ def test_exclude_preset_keeps_those_layers_in_float_and_says_so():
     assert inputs.get(float_gemm[0].input[1]) != "DequantizeLinear"
     with pytest.raises(UsageError, match="--exclude-preset body"):
         get_pass("quantize", mode="static", calib_data=data, exclude_preset="body").run(model)
+
+
+def _mlp_with_head(head_out: int, body: int = 512) -> onnx.ModelProto:
+    """x[1, 256] -> MatMul -> Relu -> MatMul -> Relu -> MatMul (the head, head_out wide)."""
+    rng = np.random.default_rng(3)
+    dims = [(256, body), (body, body), (body, head_out)]
+    inits, nodes, prev = [], [], "x"
+    for i, (k, n) in enumerate(dims):
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"))
+        prev = f"m{i}"
+        if i < len(dims) - 1:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, head_out])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_static_int8_leaves_the_outputs_of_a_cheap_head_in_float(tmp_path):
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((16, 1, 256)).astype(np.float32))
+    model = _mlp_with_head(4)  # the head: 2k of 395k MACs
+    default = get_pass("quantize", mode="static", calib_data=str(calib)).run(model)
+    quantized = get_pass("quantize", mode="static", calib_data=str(calib), int8_outputs=True)
+    int8_out = quantized.run(model)
+    assert default.stats["float_outputs"] == ["m2"] and int8_out.stats["float_outputs"] == []
+
+    def writer(m: onnx.ModelProto) -> str:
+        return next(n.op_type for n in m.graph.node if "m2" in n.output)
+
+    assert writer(default.model) == "MatMul" and writer(int8_out.model) == "DequantizeLinear"
+    producers = {o: n.op_type for n in default.model.graph.node for o in n.output}
+    head = next(n for n in default.model.graph.node if "m2" in n.output)
+    assert producers[head.input[1]] == "DequantizeLinear", "the head's weights stay int8"
+    assert default.stats["quantized_ops"] == int8_out.stats["quantized_ops"]
+    # fresh inputs from the calibration's distribution: int8 outputs add their rounding
+    x = rng.standard_normal((32, 1, 256)).astype(np.float32)
+    runs = {
+        name: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for name, m in {"float": model, "default": default.model, "int8": int8_out.model}.items()
+    }
+    out = {k: np.concatenate([s.run(None, {"x": r})[0] for r in x]) for k, s in runs.items()}
+
+    def error(name: str) -> float:
+        return float(np.abs(out[name] - out["float"]).mean())
+
+    assert error("default") < error("int8")
+    heavy = _mlp_with_head(512, body=64)  # the head is half the MACs: left as it was
+    kept = get_pass("quantize", mode="static", calib_data=str(calib)).run(heavy)
+    assert kept.stats["float_outputs"] == []

@@ -104,6 +104,14 @@ def quantize(
             help="Static: int8 symmetric activations (CPU default: uint8, faster).",
         ),
     ] = False,
+    int8_outputs: Annotated[
+        bool,
+        typer.Option(
+            "--int8-outputs",
+            help="Static QDQ: quantize the outputs too (default: the Q/DQ pairs after a cheap "
+            "last layer are removed, so calibration cannot clip the logits).",
+        ),
+    ] = False,
     bits: Annotated[int | None, _opt("--bits", help="Weight-only: 4 (default) or 8.")] = None,
     block_size: Annotated[
         int | None, _opt("--block-size", help="Weight-only: weights per scale along K (32).")
@@ -215,6 +223,7 @@ def quantize(
         "calib_samples": calib_samples,
         "format": quant_format,
         "symmetric_activations": symmetric_activations or None,
+        "int8_outputs": int8_outputs or None,
         "bits": bits,
         "block_size": block_size,
         "int4_format": int4_format,
@@ -308,6 +317,7 @@ def _render(data: dict[str, Any]) -> None:
             ", ".join(f"{k} {v}" for k, v in (stats.get("quantized_ops") or {}).items()) or "none",
         ),
         ("layers left in float", _float_layers(stats)),
+        ("float outputs", _float_outputs(stats)),
         ("Q/DQ pairs", stats.get("qdq_pairs")),
         (
             "layer weight bytes",
@@ -340,6 +350,15 @@ def _render(data: dict[str, Any]) -> None:
             )
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _float_outputs(stats: dict[str, Any]) -> str:
+    kept = stats.get("float_outputs")
+    if kept is None:
+        return "n/a"
+    if not kept:
+        return "none (int8 up to the outputs)"
+    return f"{len(kept)} tensor(s) after the last layer ({', '.join(kept[:3])})"
 
 
 def _float_layers(stats: dict[str, Any]) -> str:

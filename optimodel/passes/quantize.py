@@ -48,6 +48,7 @@ from optimodel.modelio import (
 )
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
+from optimodel.quant.outputs import float_outputs
 from optimodel.quant.presets import PRESETS, preset_nodes
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
 from optimodel.quant.targets import TARGETS, check_target
@@ -98,6 +99,7 @@ MODE_DEFAULTS: dict[str, Any] = {
     "calib_samples": 128,
     "format": "qdq",
     "symmetric_activations": False,
+    "int8_outputs": False,
     "bits": 4,
     "block_size": 32,
     "symmetric_weights": True,
@@ -110,6 +112,7 @@ MODE_OPTIONS = {
     "calib_samples": ("static",),
     "format": ("static",),
     "symmetric_activations": ("static",),
+    "int8_outputs": ("static",),
     "weight_type": ("dynamic", "static"),
     "per_channel": ("dynamic", "static"),
     "bits": ("weight-only",),
@@ -231,6 +234,7 @@ class QuantizePass(Pass):
         "exclude_ops": (),
         "exclude_nodes": (),
         "exclude_preset": "none",  # quant/presets.py: stem | heads | ends
+        "int8_outputs": None,  # static: keep Q/DQ on the outputs too (quant/outputs.py)
         "calib_data": None,
         "calib_method": None,
         "calib_samples": None,
@@ -716,14 +720,19 @@ class QuantizePass(Pass):
             used = "minmax"
             reader.set_range(0, len(reader))
             self._quantize_static(src, out, reader, methods[used], symmetric, big, extra)
+        result = onnx.load(str(out))
+        kept_float: list[str] = []
+        if o["format"] == "qdq" and not o["int8_outputs"]:
+            result, kept_float = float_outputs(result, self._sample_feed(model))
         details = {
             "format": o["format"],
+            "float_outputs": kept_float,
             "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
             "weights": o["weight_type"] + (" per-channel" if self._per_channel else " per-tensor"),
             "op_types": self._op_types(),
             "calibration": {"method": used, **calibration.describe()},
         }
-        return onnx.load(str(out)), details
+        return result, details
 
     def _quantize_static(
         self,

@@ -119,6 +119,31 @@ def preset_nodes(
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if preset == "none":
         return []
+    graph = model.graph
+    shares = mac_shares(model, feed)
+    initializers = {t.name for t in graph.initializer}
+    picked: list[onnx.NodeProto] = []
+    if preset in ("stem", "ends"):
+        inputs = {i.name for i in graph.input if i.name not in initializers}
+        picked += _frontier(graph, inputs, forward=True)
+    if preset in ("heads", "ends"):
+        picked += _frontier(graph, {o.name for o in graph.output}, forward=False)
+    names: list[str] = []
+    for node in picked:
+        if node.name and node.name not in names and shares.get(node.name, 0.0) <= MAX_SHARE:
+            names.append(node.name)
+    return names
+
+
+def mac_shares(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """Each named weighted node's share of the model's multiply-accumulates (main graph).
+
+    `feed`: a real sample: its input shapes resolve most layers, and one run measures the
+    rest (dynamic dims count as 1 otherwise, which undersizes every convolution of an
+    image model); a layer still unresolved is sized by its weights.
+    """
     from optimodel.inspection import macs_by_node
 
     graph = model.graph
@@ -130,22 +155,10 @@ def preset_nodes(
     if unresolved and feed:
         macs.update(_measured_macs(model, unresolved, feed))
     resolved = [n for n in weighted if n.name in macs]
-    # A layer still unresolved: its weights times the MACs per weight of the rest.
     per_weight = sum(macs[n.name] for n in resolved) / max(
         1, sum(_weight_size(n, sizes) for n in resolved)
     )
     for node in weighted:
         macs.setdefault(node.name, int(_weight_size(node, sizes) * (per_weight or 1)))
-    total = sum(macs.get(n.name, 0) for n in weighted) or 1
-    initializers = set(sizes)
-    picked: list[onnx.NodeProto] = []
-    if preset in ("stem", "ends"):
-        inputs = {i.name for i in graph.input if i.name not in initializers}
-        picked += _frontier(graph, inputs, forward=True)
-    if preset in ("heads", "ends"):
-        picked += _frontier(graph, {o.name for o in graph.output}, forward=False)
-    names: list[str] = []
-    for node in picked:
-        if node.name and node.name not in names and macs.get(node.name, 0) <= MAX_SHARE * total:
-            names.append(node.name)
-    return names
+    total = sum(max(0, macs.get(n.name, 0)) for n in weighted) or 1
+    return {n.name: max(0, macs.get(n.name, 0)) / total for n in weighted if n.name}
