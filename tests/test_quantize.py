@@ -950,3 +950,28 @@ def test_static_int8_leaves_the_outputs_of_a_cheap_head_in_float(tmp_path):
     heavy = _mlp_with_head(512, body=64)  # the head is half the MACs: left as it was
     kept = get_pass("quantize", mode="static", calib_data=str(calib)).run(heavy)
     assert kept.stats["float_outputs"] == []
+
+
+def test_float_outputs_copies_a_graph_input_under_the_output_name():
+    from optimodel.quant.outputs import float_outputs
+
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(128, np.uint8), "z")
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+            helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"], name="dq"),
+        ],
+        "qdq_only",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [scale, zero],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model, kept = float_outputs(model)
+    assert kept == ["y"] and [n.op_type for n in model.graph.node] == ["Identity"]
+    onnx.checker.check_model(model)
+    x = np.linspace(-9, 9, 6, dtype=np.float32).reshape(2, 3)  # beyond the int8 range
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got.run(None, {"x": x})[0], x)

@@ -78,12 +78,21 @@ def float_outputs(
     if sum(shares.get(h.name, 0.0) for h in heads) > MAX_OUTPUT_SHARE:
         return model, []
     outputs = {o.name for o in graph.output}
+    written = {o for n in graph.node for o in n.output}
+    nested = {i for g in list(iter_graphs(graph))[1:] for n in g.node for i in n.input}
     drop: set[int] = set()
     kept: list[str] = []
     for quant, dequant in pairs:
         source, target = quant.input[0], dequant.output[0]
-        drop.update((id(quant), id(dequant)))
+        drop.add(id(quant))
         kept.append(target if target in outputs else source)
+        if target in outputs and (source not in written or source in outputs or source in nested):
+            # a graph input, another output or read by a body: copied under the output's name
+            dequant.op_type, dequant.domain = "Identity", ""
+            dequant.input[:] = [source]
+            del dequant.attribute[:]
+            continue
+        drop.add(id(dequant))
         if target in outputs:
             # the graph output keeps its name: whoever wrote `source` now writes `target`
             for node in graph.node:
