@@ -969,9 +969,59 @@ def test_float_outputs_copies_a_graph_input_under_the_output_name():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    model, kept = float_outputs(model)
+    model, kept = float_outputs(model, model)
     assert kept == ["y"] and [n.op_type for n in model.graph.node] == ["Identity"]
     onnx.checker.check_model(model)
     x = np.linspace(-9, 9, 6, dtype=np.float32).reshape(2, 3)  # beyond the int8 range
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(got.run(None, {"x": x})[0], x)
+
+
+def _bias_mlp(shape: list) -> onnx.ModelProto:
+    """Three MatMul + bias Add + Relu blocks on x[shape] (last dim 256)."""
+    rng = np.random.default_rng(5)
+    inits, nodes, prev = [], [], "x"
+    for i in range(3):
+        w = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(rng.standard_normal(256).astype(np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
+            helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "bias_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_matmul_outputs_stay_float_only_where_ort_keeps_the_int8_kernel(tmp_path):
+    from optimodel.quant.outputs import dequantized_weights
+
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((8, 1, 16, 256)).astype(np.float32))
+    x = rng.standard_normal((1, 16, 256)).astype(np.float32)
+    for shape, expected in ((["batch", "seq", 256], ["m0", "m1", "m2"]), ([1, 16, 256], [])):
+        model = _bias_mlp(shape)
+        result = get_pass("quantize", mode="static", calib_data=str(calib)).run(model)
+        # with fixed shapes ORT turns MatMul + Add into a float Gemm unless the output is
+        # quantized: there the pairs stay, and no layer runs on dequantized weights
+        assert result.stats["float_outputs"] == expected
+        assert dequantized_weights(result.model) == set()
+        ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = ort.InferenceSession(
+            result.model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        a, b = ref.run(None, {"x": x})[0].ravel(), got.run(None, {"x": x})[0].ravel()
+        assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.99

@@ -108,8 +108,9 @@ def quantize(
         bool,
         typer.Option(
             "--int8-outputs",
-            help="Static QDQ: quantize the outputs too (default: the Q/DQ pairs after a cheap "
-            "last layer are removed, so calibration cannot clip the logits).",
+            help="Static QDQ: quantize layer outputs everywhere (default: a cheap last "
+            "layer's outputs, and on the CPU MatMul/Gemm outputs ORT still runs in int8, "
+            "stay float).",
         ),
     ] = False,
     bits: Annotated[int | None, _opt("--bits", help="Weight-only: 4 (default) or 8.")] = None,
@@ -358,7 +359,8 @@ def _float_outputs(stats: dict[str, Any]) -> str:
         return "n/a"
     if not kept:
         return "none (int8 up to the outputs)"
-    return f"{len(kept)} tensor(s) after the last layer ({', '.join(kept[:3])})"
+    more = ", ..." if len(kept) > 3 else ""
+    return f"{len(kept)} int8 layer output(s) left in float ({', '.join(kept[:3])}{more})"
 
 
 def _float_layers(stats: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ from optimodel.modelio import (
 )
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
-from optimodel.quant.outputs import float_outputs
+from optimodel.quant.outputs import float_matmul_outputs, float_outputs
 from optimodel.quant.presets import PRESETS, preset_nodes
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
 from optimodel.quant.targets import TARGETS, check_target
@@ -723,7 +723,10 @@ class QuantizePass(Pass):
         result = onnx.load(str(out))
         kept_float: list[str] = []
         if o["format"] == "qdq" and not o["int8_outputs"]:
-            result, kept_float = float_outputs(result, self._sample_feed(model))
+            result, kept_float = float_outputs(result, model, self._sample_feed(model))
+            if target == "cpu" and not big:
+                result, after_matmul = float_matmul_outputs(result, model)
+                kept_float += after_matmul
         details = {
             "format": o["format"],
             "float_outputs": kept_float,
