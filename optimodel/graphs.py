@@ -49,6 +49,17 @@ def subgraph_references(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers nothing reads: no node, no subgraph, no graph input or
+    output (onnx-ir drops them for the main graph only; a rewrite leaves them behind)."""
+    read = {i for n in graph.node for i in n.input} | subgraph_references(graph)
+    read |= {v.name for v in [*graph.input, *graph.output]}
+    kept = [t for t in graph.initializer if t.name in read]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Value name -> nodes of this graph that read it (not counting subgraphs)."""
     uses: dict[str, list[onnx.NodeProto]] = defaultdict(list)

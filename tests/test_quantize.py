@@ -892,24 +892,31 @@ def test_exclude_preset_keeps_those_layers_in_float_and_says_so():
         get_pass("quantize", mode="static", calib_data=data, exclude_preset="body").run(model)
 
 
-def _mlp_with_head(head_out: int, body: int = 512) -> onnx.ModelProto:
-    """x[1, 256] -> MatMul -> Relu -> MatMul -> Relu -> MatMul (the head, head_out wide)."""
-    rng = np.random.default_rng(3)
-    dims = [(256, body), (body, body), (body, head_out)]
-    inits, nodes, prev = [], [], "x"
-    for i, (k, n) in enumerate(dims):
+def _mlp(
+    widths: list[int], shape: list, *, bias: bool = False, relu_last: bool = False, seed: int = 3
+) -> onnx.ModelProto:
+    """x[shape] (last dim 256) through MatMul (+ bias Add) + Relu layers of `widths` outputs;
+    the last layer ends in a Relu only with `relu_last`."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev, k = [], [], "x", 256
+    for i, n in enumerate(widths):
         w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"))
-        prev = f"m{i}"
-        if i < len(dims) - 1:
+        prev, k = f"m{i}", n
+        if bias:
+            b = rng.standard_normal(n).astype(np.float32)
+            inits.append(numpy_helper.from_array(b, f"b{i}"))
+            nodes.append(helper.make_node("Add", [prev, f"b{i}"], [f"a{i}"], name=f"add{i}"))
+            prev = f"a{i}"
+        if i < len(widths) - 1 or relu_last:
             nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
             prev = f"r{i}"
     graph = helper.make_graph(
         nodes,
-        "mlp_head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, head_out])],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [*shape[:-1], widths[-1]])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -921,7 +928,7 @@ def test_static_int8_leaves_the_outputs_of_a_cheap_head_in_float(tmp_path):
     rng = np.random.default_rng(0)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=rng.standard_normal((16, 1, 256)).astype(np.float32))
-    model = _mlp_with_head(4)  # the head: 2k of 395k MACs
+    model = _mlp([512, 512, 4], [1, 256])  # the head: 2k of 395k MACs
     default = get_pass("quantize", mode="static", calib_data=str(calib)).run(model)
     quantized = get_pass("quantize", mode="static", calib_data=str(calib), int8_outputs=True)
     int8_out = quantized.run(model)
@@ -947,7 +954,7 @@ def test_static_int8_leaves_the_outputs_of_a_cheap_head_in_float(tmp_path):
         return float(np.abs(out[name] - out["float"]).mean())
 
     assert error("default") < error("int8")
-    heavy = _mlp_with_head(512, body=64)  # the head is half the MACs: left as it was
+    heavy = _mlp([64, 64, 512], [1, 256])  # the head is half the MACs: left as it was
     kept = get_pass("quantize", mode="static", calib_data=str(calib)).run(heavy)
     assert kept.stats["float_outputs"] == []
 
@@ -977,34 +984,6 @@ def test_float_outputs_copies_a_graph_input_under_the_output_name():
     np.testing.assert_array_equal(got.run(None, {"x": x})[0], x)
 
 
-def _bias_mlp(shape: list) -> onnx.ModelProto:
-    """Three MatMul + bias Add + Relu blocks on x[shape] (last dim 256)."""
-    rng = np.random.default_rng(5)
-    inits, nodes, prev = [], [], "x"
-    for i in range(3):
-        w = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
-        inits += [
-            numpy_helper.from_array(w, f"w{i}"),
-            numpy_helper.from_array(rng.standard_normal(256).astype(np.float32), f"b{i}"),
-        ]
-        nodes += [
-            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
-            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
-            helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}"),
-        ]
-        prev = f"r{i}"
-    graph = helper.make_graph(
-        nodes,
-        "bias_mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def test_matmul_outputs_stay_float_only_where_ort_keeps_the_int8_kernel(tmp_path):
     from optimodel.quant.outputs import dequantized_weights
 
@@ -1013,7 +992,7 @@ def test_matmul_outputs_stay_float_only_where_ort_keeps_the_int8_kernel(tmp_path
     np.savez(calib, x=rng.standard_normal((8, 1, 16, 256)).astype(np.float32))
     x = rng.standard_normal((1, 16, 256)).astype(np.float32)
     for shape, expected in ((["batch", "seq", 256], ["m0", "m1", "m2"]), ([1, 16, 256], [])):
-        model = _bias_mlp(shape)
+        model = _mlp([256, 256, 256], shape, bias=True, relu_last=True, seed=5)
         result = get_pass("quantize", mode="static", calib_data=str(calib)).run(model)
         # with fixed shapes ORT turns MatMul + Add into a float Gemm unless the output is
         # quantized: there the pairs stay, and no layer runs on dequantized weights

@@ -30,6 +30,7 @@ from optimodel.graphs import (
     attr,
     consumers,
     copy_model,
+    drop_unread_initializers,
     elem_type,
     has_subgraph,
     node_subgraphs,
@@ -428,17 +429,6 @@ def _infer(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return value_types(inferred)
 
 
-def _drop_unused_initializers(body: onnx.GraphProto) -> None:
-    """onnx-ir drops unused initializers of the main graph only, and folding a body
-    leaves the body constants it consumed behind: unread, they would only add bytes."""
-    read = {i for n in body.node for i in n.input} | subgraph_references(body)
-    read |= {v.name for v in [*body.input, *body.output]}
-    kept = [t for t in body.initializer if t.name in read]
-    if len(kept) != len(body.initializer):
-        del body.initializer[:]
-        body.initializer.extend(kept)
-
-
 def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
     """Common subexpressions, duplicate initializers, dead nodes: onnx-ir's own passes,
     then the unread initializers of If / Loop / Scan bodies."""
@@ -465,7 +455,7 @@ def _ir_cleanup(model: onnx.ModelProto, stats: Counter[str]) -> onnx.ModelProto:
             del graph.value_info[:]
             graph.value_info.extend(kept)
         if graph is not out.graph:
-            _drop_unused_initializers(graph)
+            drop_unread_initializers(graph)
     stats["nodes_removed_by_cse_and_dce"] += before_nodes - count_nodes(out)
     stats["initializers_removed"] += before_inits - sum(
         len(g.initializer) for g in iter_graphs(out.graph)

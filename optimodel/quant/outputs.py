@@ -29,7 +29,14 @@ from collections import deque
 import numpy as np
 import onnx
 
-from optimodel.modelio import iter_graphs
+from optimodel.graphs import (
+    consumers,
+    copy_model,
+    drop_unread_initializers,
+    rename_all_uses,
+    rename_uses,
+    subgraph_references,
+)
 from optimodel.quant.presets import DATA_FIRST, SHAPE_ONLY, WEIGHTED, mac_shares
 
 MAX_OUTPUT_SHARE = 0.01  # of all MACs: the layers writing the outputs, together
@@ -59,10 +66,7 @@ def _pairs_before_outputs(
     """(QuantizeLinear, DequantizeLinear) pairs met walking back from the graph outputs
     through unweighted nodes, and the weighted nodes where the walk stopped."""
     producers = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = consumers(graph)
     pairs: dict[int, tuple[onnx.NodeProto, onnx.NodeProto]] = {}
     heads: dict[int, onnx.NodeProto] = {}
     seen: set[str] = set()
@@ -81,7 +85,7 @@ def _pairs_before_outputs(
         if node.op_type == "DequantizeLinear":
             quant = producers.get(node.input[0])
             if quant is not None and quant.op_type == "QuantizeLinear":
-                if readers.get(quant.output[0], 0) == 1:
+                if len(readers.get(quant.output[0], [])) == 1:
                     pairs[id(node)] = (quant, node)
                 queue.append(quant.input[0])
             continue  # a DQ of a stored int8 weight: nothing upstream
@@ -109,7 +113,7 @@ def float_outputs(
         return model, []
     outputs = {o.name for o in graph.output}
     written = {o for n in graph.node for o in n.output}
-    nested = {i for g in list(iter_graphs(graph))[1:] for n in g.node for i in n.input}
+    nested = subgraph_references(graph)
     drop: set[int] = set()
     kept: list[str] = []
     for quant, dequant in pairs:
@@ -130,19 +134,20 @@ def float_outputs(
                 if id(node) not in drop:
                     node.input[:] = [target if i == source else i for i in node.input]
         else:
-            for node in graph.node:
-                node.input[:] = [source if i == target else i for i in node.input]
-    nodes = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for g in iter_graphs(graph) for n in g.node for i in n.input}  # bodies read too
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+            rename_uses(graph, target, source)
+    _remove_nodes(graph, drop)
     return model, kept
 
 
 MATMUL_OPS = ("MatMul", "Gemm")
+
+
+def _remove_nodes(graph: onnx.GraphProto, drop: set[int]) -> None:
+    """Remove the nodes whose id() is in `drop`, then the initializers left unread."""
+    nodes = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    drop_unread_initializers(graph)
 
 
 def _pairs_after(
@@ -150,10 +155,7 @@ def _pairs_after(
 ) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """(QuantizeLinear, DequantizeLinear) pairs right after a node of `ops` (by output)."""
     producers = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     pairs = []
     for quant in graph.node:
         if quant.op_type != "QuantizeLinear":
@@ -179,16 +181,8 @@ def _drop_pairs(
             continue
         rename[dequant.output[0]] = quant.input[0]
         drop.update((id(quant), id(dequant)))
-    for g in iter_graphs(graph):
-        for node in g.node:
-            node.input[:] = [rename.get(i, i) for i in node.input]
-    nodes = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for g in iter_graphs(graph) for n in g.node for i in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    rename_all_uses(graph, rename)
+    _remove_nodes(graph, drop)
     return sorted(set(rename.values()))
 
 
@@ -233,8 +227,6 @@ def float_matmul_outputs(
     layer keeps its Q/DQ pair. A model ONNX Runtime cannot load here (custom ops) is left
     as it was.
     """
-    from optimodel.graphs import copy_model
-
     now, written = _writers(model.graph), _writers(reference.graph)
     skip: set[str] = set()
     before: set[str] | None = None
