@@ -48,6 +48,7 @@ from optimodel.modelio import (
 )
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
+from optimodel.quant.compact import compact_qdq
 from optimodel.quant.outputs import float_matmul_outputs, float_outputs
 from optimodel.quant.presets import PRESETS, preset_nodes
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
@@ -727,9 +728,11 @@ class QuantizePass(Pass):
             if target == "cpu" and not big:
                 result, after_matmul = float_matmul_outputs(result, model)
                 kept_float += after_matmul
+        compacted = compact_qdq(result, model, target, big) if o["format"] == "qdq" else {}
         details = {
             "format": o["format"],
             "float_outputs": kept_float,
+            "compacted": compacted,
             "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
             "weights": o["weight_type"] + (" per-channel" if self._per_channel else " per-tensor"),
             "op_types": self._op_types(),
