@@ -27,7 +27,9 @@ from optimodel.modelio import (
     count_nodes,
     external_data_folder,
     external_folder,
+    known_bytes,
     model_size,
+    reusable_bytes,
 )
 from optimodel.passes import Pass
 from optimodel.runtime.sessions import SessionConfig, create_session, run_session
@@ -164,9 +166,11 @@ def _accept(
     stage: StageOutputs | None,
     p: Pass,
     source: str,
-) -> int | None:
-    """Check and verify a pass's output: its size in bytes, or None (pass skipped, said)
-    if it is unusable.
+    payload: bytes | None = None,
+) -> tuple[int, bytes | None] | None:
+    """Check and verify a pass's output: its size in bytes and, for a model worth it, its
+    serialized bytes (for the next pass); or None (pass skipped, said) if it is unusable.
+    `payload`: the bytes, when the pass already made them.
 
     A numeric divergence is not skipped: it raises, naming the pass, because it means
     the pass is wrong for this model and the user must know.
@@ -174,14 +178,18 @@ def _accept(
     where = f"pass '{p.name}'"
     try:
         # numpy_helper wrote every tensor a pass made: their raw sizes hold by construction
-        size = check_model(candidate, f"{source} after {where}", raw_sizes=False)
+        payload = payload if payload is not None else reusable_bytes(candidate)
+        size = check_model(
+            candidate, f"{source} after {where}", raw_sizes=False, serialized=payload
+        )
     except OptimodelError as exc:
         record.status, record.reason = "skipped", f"its output fails the checker: {exc.message}"
         return None
     if stage is None:
-        return size
+        return size, payload
     try:
-        names, outputs = stage.run(candidate, f"{source} after {where}")
+        with known_bytes(candidate, payload):
+            names, outputs = stage.run(candidate, f"{source} after {where}")
     except OptimodelError as exc:  # the rewrite no longer loads or runs
         record.status = "skipped"
         record.reason = f"its output does not run in ONNX Runtime: {exc.message}"
@@ -193,7 +201,7 @@ def _accept(
             f"{'; '.join(record.verification['violations'][:3])}; skip it or report the model"
         )
     stage.set(names, outputs)
-    return size
+    return size, payload
 
 
 def run_passes(
@@ -207,17 +215,20 @@ def run_passes(
     on_pass: Callable[[PassRecord], None] | None = None,
     stage: StageOutputs | None = None,
     size: int | None = None,
+    payload: bytes | None = None,
 ) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply passes in order, verifying each against the stage before it.
 
     `batches=None` skips the numeric comparison (`--no-verify`); the checker always runs.
     A `stage` whose input outputs are already set (see `transform_file`) is used as is.
-    `size` is the input's size in bytes when the caller knows it (from its check).
+    `size` is the input's size in bytes when the caller knows it (from its check), and
+    `payload` its serialized bytes: each pass may reuse its input's bytes (`known_bytes`).
     """
     if stage is None and batches is not None:
         stage = StageOutputs(batches, session_config)
     if stage is not None and stage.first is None:
-        stage.set(*stage.run(model, source))
+        with known_bytes(model, payload):
+            stage.set(*stage.run(model, source))
     records = []
     current = model
     current_size = size if size is not None else model_size(model)
@@ -228,7 +239,8 @@ def run_passes(
         start = time.perf_counter()
         try:
             with time_budget(pass_timeout), _external_data_of(current):
-                result = p.run(current)
+                with known_bytes(current, payload):
+                    result = p.run(current)
         except PassTimeout:
             record.status, record.reason = "skipped", f"ran out of its {pass_timeout:g} s budget"
         except OptimodelError:
@@ -243,9 +255,13 @@ def run_passes(
             record.modified = result.modified
             record.stats = result.stats
             record.declined = result.declined
-            accepted = _accept(result.model, record, stage, p, source) if result.modified else None
+            accepted = (
+                _accept(result.model, record, stage, p, source, result.payload)
+                if result.modified
+                else None
+            )
             if accepted is not None:
-                current, current_size = result.model, accepted
+                current, (current_size, payload) = result.model, accepted
         record.nodes_after = count_nodes(current)
         record.bytes_after = current_size
         records.append(record)

@@ -64,7 +64,7 @@ def model_record(path: str | os.PathLike[str], model: Any | None = None) -> dict
     return {
         "path": str(source),
         "sha256": file_sha256(source),
-        "bytes": model_files_bytes(source),
+        "bytes": model_files_bytes(source, model),
         "nodes": count_nodes(model),
         "parameters": parameters,
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),

@@ -17,7 +17,9 @@ from optimodel.modelio import (
     check_model,
     check_output_path,
     custom_domains,
+    known_bytes,
     load_model,
+    reusable_bytes,
     save_model,
 )
 from optimodel.passes import Pass
@@ -51,7 +53,8 @@ def transform_file(
     check_output_path(target, input_path=source, force=force)
     report = Report(subcommand=subcommand)
     model = load_model(source, check=False)
-    size = check_model(model, source, strict=True)  # the plain checker and strict inference
+    payload = reusable_bytes(model)  # serialized once: the checks, then the first pass
+    size = check_model(model, source, strict=True, serialized=payload)
     report.input_model = model_record(source, model)
     stage = None
     if verify:
@@ -63,7 +66,8 @@ def transform_file(
             num_samples=samples or VERIFY_FEEDS,
             int_range=int_range,
         )
-        stage = _input_stage(model, StageOutputs(list(dataset), session_config), report, source)
+        with known_bytes(model, payload):
+            stage = _input_stage(model, StageOutputs(list(dataset), session_config), report, source)
     result, records = run_passes(
         model,
         passes,
@@ -73,6 +77,7 @@ def transform_file(
         on_pass=on_pass,
         stage=stage,
         size=size,
+        payload=payload,
     )
     report.passes = [r.to_dict() for r in records]
     for record in records:

@@ -593,6 +593,26 @@ def test_transformer_sample_with_ort_target_fuses_attention_layernorm_and_gelu()
     assert _fuse(folded, target="ort").stats["fired"] == fired
 
 
+def test_fused_model_bytes_handed_on_are_the_models_own():
+    """fuse hands the pipeline the bytes ONNX Runtime's fusions were checked with, so the
+    model is not serialized again; they must be exactly the model's, and a pattern that
+    fires afterwards must drop them."""
+    from optimodel.modelio import known_bytes, model_bytes, registered_bytes
+
+    model = get_pass("fold").run(onnx.load(str(SAMPLES / "transformer_block.onnx"))).model
+    result = _fuse(model, target="ort")
+    assert result.stats["fired"]["attention"] == 1
+    assert result.payload == result.model.SerializeToString()
+    changed = _fuse(model, target="ort", skip=["attention"])  # local patterns fire last
+    assert changed.payload is None or changed.payload == changed.model.SerializeToString()
+    # the registry answers for the very object only, and only inside the block
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with known_bytes(model, b"registered"):
+        assert model_bytes(model) == b"registered" and registered_bytes(copy) is None
+    assert registered_bytes(model) is None and model_bytes(model) == model.SerializeToString()
+
+
 def test_transformer_sample_with_portable_target_uses_standard_ops_only():
     model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
     result = _fuse(model, target="portable")

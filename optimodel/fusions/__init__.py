@@ -236,6 +236,7 @@ class GraphOutcome:
     fired: dict[str, int] = field(default_factory=dict)
     declined: list[dict[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    payload: bytes | None = None  # `model` serialized, when the fusion already made them
 
 
 class Pattern:

@@ -230,7 +230,11 @@ def _fuse_with_ort(
         if name in enabled
     }
     return GraphOutcome(
-        result, fired={k: v for k, v in fired.items() if v}, declined=declined, info=info
+        result,
+        fired={k: v for k, v in fired.items() if v},
+        declined=declined,
+        info=info,
+        payload=payload,
     )
 
 

@@ -22,6 +22,7 @@ class PassResult:
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     declined: list[dict[str, str]] = field(default_factory=list)  # pattern, node, reason
+    payload: bytes | None = None  # `model` serialized, when the pass already has the bytes
 
 
 class Pass(ABC):

@@ -36,7 +36,7 @@ from optimodel.fusions import (
     shapes_only,
 )
 from optimodel.graphs import STANDARD_DOMAINS, copy_model, has_subgraph, rename_uses, value_types
-from optimodel.modelio import iter_tensors
+from optimodel.modelio import iter_tensors, known_bytes, registered_bytes
 from optimodel.passes.base import Pass, PassResult, register_pass
 
 PRESETS = ("auto", "cnn", "transformer")
@@ -251,16 +251,19 @@ def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
         graph.node.extend(kept)
 
 
-def _import_domains(model: onnx.ModelProto) -> None:
-    """Import the com.microsoft opset when a fusion wrote one of its ops."""
+def _import_domains(model: onnx.ModelProto) -> bool:
+    """Import the com.microsoft opset when a fusion wrote one of its ops; whether it did."""
     used = {n.domain for n in model.graph.node}
     imported = {o.domain for o in model.opset_import}
     if MS_DOMAIN in used and MS_DOMAIN not in imported:
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+        return True
+    return False
 
 
-def _ensure_order(graph: onnx.GraphProto) -> None:
-    """Stable topological sort, only when a node reads a value produced after it."""
+def _ensure_order(graph: onnx.GraphProto) -> bool:
+    """Stable topological sort, only when a node reads a value produced after it; whether
+    it sorted."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     nodes = list(graph.node)
     reads = [node_reads(n) for n in nodes]
@@ -271,7 +274,7 @@ def _ensure_order(graph: onnx.GraphProto) -> None:
             break
         available.update(node.output)
     else:
-        return
+        return False
     pending = list(range(len(nodes)))
     ordered: list[onnx.NodeProto] = []
     available = set(known)
@@ -288,6 +291,7 @@ def _ensure_order(graph: onnx.GraphProto) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
+    return True
 
 
 class _Run:
@@ -309,6 +313,7 @@ class _Run:
         self.info: dict[str, Any] = {}
         self.changed = False
         self.round = 0
+        self.payload: bytes | None = None  # the current model's bytes, while they hold
 
     def graph_patterns(self) -> None:
         """Whole-graph fusions first (ONNX Runtime's transformer optimizer)."""
@@ -327,6 +332,7 @@ class _Run:
             self.info.update(outcome.info)
             if outcome.model is not None:
                 self.model, self.changed = outcome.model, True
+                self.payload = outcome.payload
                 # Kept names keep their meaning, so types known before still hold where
                 # inference cannot see through com.microsoft ops.
                 self.types = {**self.types, **_infer(self.model)}
@@ -354,7 +360,7 @@ class _Run:
                     self.fired[pattern.name] += len(rewrites)
                     fired += len(rewrites)
                     refine = refine or pattern.refines_types
-                    view, self.changed = None, True
+                    view, self.changed, self.payload = None, True, None
             if not fired:
                 break
         self.declined.extend(last)
@@ -405,11 +411,12 @@ class FusePass(Pass):
         )
         enabled = {n for n, g in pattern_names().items() if g in groups and n not in skip}
         run = _Run(work, types, target, groups, enabled)
-        run.graph_patterns()
+        with known_bytes(work, registered_bytes(model)):  # an unchanged copy so far
+            run.graph_patterns()
         run.rounds(int(self.options["max_rounds"]))
         if run.changed:
-            _ensure_order(run.model.graph)
-            _import_domains(run.model)
+            if _ensure_order(run.model.graph) | _import_domains(run.model):
+                run.payload = None
         runnable = {p.name for p in node_patterns() if target in p.targets}
         for gp in graph_patterns():
             if target in gp.targets:
@@ -431,7 +438,7 @@ class FusePass(Pass):
         warnings = self._warnings(groups, enabled, run.fired, declined, target, present)
         if warnings:
             stats["warnings"] = warnings
-        return PassResult(run.model, run.changed, stats, declined)
+        return PassResult(run.model, run.changed, stats, declined, payload=run.payload)
 
     @staticmethod
     def _warnings(

@@ -135,8 +135,10 @@ def create_session(
         if isinstance(model, bytes):  # already serialized, all its data inside
             payload: Any = model
         elif isinstance(model, onnx.ModelProto):
+            from optimodel.modelio import model_bytes
+
             point_to_external_data(model, options)
-            payload = model.SerializeToString()
+            payload = model_bytes(model)
         else:
             payload = str(model)
         return ort.InferenceSession(payload, sess_options=options, providers=provider_args)
