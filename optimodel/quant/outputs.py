@@ -186,9 +186,9 @@ def _drop_pairs(
     return sorted(set(rename.values()))
 
 
-def dequantized_weights(model: onnx.ModelProto) -> set[str]:
-    """Stored int8 weights ONNX Runtime's CPU provider dequantizes to run a float MatMul or
-    Gemm: its optimized graph still has DequantizeLinear(weight) -> MatMul/Gemm there."""
+def cpu_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU provider runs: the model after all its optimizations.
+    ONNX Runtime's own errors propagate."""
     import tempfile
     from pathlib import Path
 
@@ -201,7 +201,13 @@ def dequantized_weights(model: onnx.ModelProto) -> set[str]:
         options.intra_op_num_threads = 1
         options.optimized_model_filepath = str(path)
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(str(path))
+        return onnx.load(str(path))
+
+
+def dequantized_weights(model: onnx.ModelProto) -> set[str]:
+    """Stored int8 weights ONNX Runtime's CPU provider dequantizes to run a float MatMul or
+    Gemm: its optimized graph still has DequantizeLinear(weight) -> MatMul/Gemm there."""
+    optimized = cpu_optimized(model)
     stored = {t.name for t in optimized.graph.initializer}
     producers = {o: n for n in optimized.graph.node for o in n.output}
     found = set()
