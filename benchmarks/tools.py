@@ -148,6 +148,14 @@ def optimodel_prune_channel_tool(src: Path, out_dir: Path, feeds: list[Feed]) ->
 
 
 @preload(*_OPTIMODEL_IMPORTS)
+def optimodel_prune_channel_recovery_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """fold + `prune --granularity channel --sparsity 0.3 --calib-data FEEDS`: recovered."""
+    calib = _feeds_folder(out_dir, feeds)
+    options = {"granularity": "channel", "sparsity": 0.3, "calib_data": str(calib)}
+    return _optimodel_passes(src, out_dir, feeds, [("fold", {}), ("prune", options)])
+
+
+@preload(*_OPTIMODEL_IMPORTS)
 def optimodel_prune50_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
     """fold + `prune --sparsity 0.5`: unstructured, plain magnitude."""
     return _optimodel_passes(src, out_dir, feeds, [("fold", {}), ("prune", {"sparsity": 0.5})])
@@ -172,6 +180,7 @@ OPTIMODEL_TOOLS: dict[str, ToolFn] = {
     "optimodel-quant-static": optimodel_quant_static_tool,
     "optimodel-fp16": optimodel_fp16_tool,
     "optimodel-prune-channel": optimodel_prune_channel_tool,
+    "optimodel-prune-channel-recovery": optimodel_prune_channel_recovery_tool,
     "optimodel-prune50": optimodel_prune50_tool,
     "optimodel-prune50-recovery": optimodel_prune50_recovery_tool,
 }
