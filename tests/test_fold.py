@@ -214,6 +214,37 @@ class _Slow(Pass):
         return PassResult(model, False)
 
 
+class _SeesItsBytes(Pass):
+    """Records the bytes the pipeline registered for its input, then changes a weight."""
+
+    name = "test-sees-bytes"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes | None, bytes]] = []
+
+    def run(self, model):
+        from optimodel.modelio import registered_bytes
+
+        self.seen.append((registered_bytes(model), model.SerializeToString()))
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.producer_version = f"{copy.producer_version}+"
+        return PassResult(copy, True)
+
+
+def test_each_pass_gets_its_inputs_checked_bytes_and_they_are_its_own():
+    """The pipeline hands a pass the bytes it checked its input with (no second
+    serialization); they must be exactly that model's, after every accepted pass."""
+    model = onnx.load(str(SAMPLES / "foldable.onnx"))
+    spy = _SeesItsBytes()
+    payload = model.SerializeToString()
+    run_passes(model, [get_pass("fold"), spy, spy], batches=_feeds(model), payload=payload)
+    assert len(spy.seen) == 2
+    for registered, actual in spy.seen:
+        assert registered is not None and registered == actual
+
+
 def test_divergence_names_the_pass():
     model = onnx.load(str(SAMPLES / "mlp.onnx"))
     with pytest.raises(VerificationError, match="test-break-weights"):
