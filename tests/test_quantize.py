@@ -1004,3 +1004,27 @@ def test_matmul_outputs_stay_float_only_where_ort_keeps_the_int8_kernel(tmp_path
         )
         a, b = ref.run(None, {"x": x})[0].ravel(), got.run(None, {"x": x})[0].ravel()
         assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.99
+
+
+def test_cuda_static_leaves_matmul_outputs_float_for_fidelity(tmp_path):
+    """ONNX Runtime's CUDA provider runs Q/DQ MatMuls as dequantize + float MatMul, so a
+    pair after the output only rounds: for --target cuda all of them go, checked by
+    numbers against the same model with --int8-outputs."""
+    rng = np.random.default_rng(1)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((8, 1, 16, 256)).astype(np.float32))
+    model = _mlp([256, 256, 256], [1, 16, 256], bias=True, relu_last=True, seed=7)
+    options = {"mode": "static", "calib_data": str(calib), "target": "cuda"}
+    default = get_pass("quantize", **options).run(model)
+    rounded = get_pass("quantize", **options, int8_outputs=True).run(model)
+    assert default.stats["float_outputs"] == ["m0", "m1", "m2"]
+    assert rounded.stats["float_outputs"] == []
+    assert default.stats["activations"] == "uint8 asymmetric"  # TensorRT alone needs int8
+    assert _ops(default.model)["QuantizeLinear"] < _ops(rounded.model)["QuantizeLinear"]
+    x = rng.standard_normal((16, 1, 16, 256)).astype(np.float32)
+    runs = {k: _session(m) for k, m in (("f", model), ("d", default.model), ("r", rounded.model))}
+    out = {
+        k: np.concatenate([s.run(None, {"x": v})[0].ravel() for v in x]) for k, s in runs.items()
+    }
+    assert _cosine(out["f"], out["d"]) > _cosine(out["f"], out["r"])
+    assert _cosine(out["f"], out["d"]) > 0.999

@@ -101,7 +101,7 @@ def quantize(
         bool,
         typer.Option(
             "--symmetric-activations",
-            help="Static: int8 symmetric activations (CPU default: uint8, faster).",
+            help="Static: int8 symmetric activations (default uint8; TensorRT always int8).",
         ),
     ] = False,
     int8_outputs: Annotated[
