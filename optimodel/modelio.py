@@ -427,10 +427,17 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     return payload if payload is not None else model.SerializeToString()
 
 
+# Above this many bytes of tensors, a model's bytes are not kept for reuse: holding a
+# second copy would raise peak memory by the model's size for the whole run.
+REUSE_MAX_BYTES = 512 << 20
+
+
 def reusable_bytes(model: onnx.ModelProto) -> bytes | None:
-    """Serialized bytes worth keeping for reuse: all data in memory and well under the
-    protobuf limit (a copy of a huge model is not kept around)."""
-    if has_external_tensors(model) or near_protobuf_limit(model):
+    """Serialized bytes worth keeping for reuse: all data in memory and at most
+    `REUSE_MAX_BYTES` of tensors (a copy of a large model is not kept around)."""
+    if has_external_tensors(model):
+        return None
+    if sum(tensor_bytes(t) for t in iter_tensors(model)) > REUSE_MAX_BYTES:
         return None
     return model_bytes(model)
 

@@ -23,6 +23,7 @@ import onnx
 from optimodel.data import Batch
 from optimodel.errors import OptimodelError, VerificationError
 from optimodel.modelio import (
+    REUSE_MAX_BYTES,
     check_model,
     count_nodes,
     external_data_folder,
@@ -182,6 +183,8 @@ def _accept(
         size = check_model(
             candidate, f"{source} after {where}", raw_sizes=False, serialized=payload
         )
+        if payload is not None and len(payload) > REUSE_MAX_BYTES:
+            payload = None  # not held on to through the next pass
     except OptimodelError as exc:
         record.status, record.reason = "skipped", f"its output fails the checker: {exc.message}"
         return None
