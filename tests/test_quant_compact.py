@@ -139,3 +139,18 @@ def test_quantize_pass_writes_compact_qdq_and_tensorrt_keeps_stored_scales(tmp_p
     for node in trt.model.graph.node:  # TensorRT reads every scale from a stored tensor
         if node.op_type == "DequantizeLinear":
             assert node.input[1] in {t.name for t in trt.model.graph.initializer}
+
+
+def test_cli_says_what_was_written_compactly(cli, tmp_path):
+    out = tmp_path / "digits.int8.onnx"
+    result = cli(
+        "quantize", SAMPLES / "digits_cnn.onnx", "-o", out, "--mode", "static",
+        "--calib-data", SAMPLES / "digits_test.npz", "--calib-samples", "32",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout
+    text = " ".join(result.stdout.split())
+    assert "written compactly" in text and "5 bias scales as Mul" in text
+    report = cli(
+        "quantize", SAMPLES / "mlp.onnx", "-o", tmp_path / "mlp.int8.onnx", "--mode", "dynamic"
+    )  # fmt: skip
+    assert report.exit_code == 0 and "written compactly" not in report.stdout

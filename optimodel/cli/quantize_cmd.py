@@ -326,6 +326,8 @@ def _render(data: dict[str, Any]) -> None:
             + (f" ({ratio:.3f}x)" if ratio is not None else ""),
         ),
     ]
+    if stats.get("compacted"):
+        rows.insert(-1, ("written compactly", _compacted(stats)))
     if calibration:
         rows.append(("calibration", f"{calibration['method']} on {calibration['data']}"))
     for label, value in rows:
@@ -351,6 +353,18 @@ def _render(data: dict[str, Any]) -> None:
             )
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _compacted(stats: dict[str, Any]) -> str:
+    """What optimodel.quant.compact left out of the Q/DQ file (same numbers)."""
+    done = stats["compacted"]
+    parts = [
+        f"{done.get('zero_points_dropped', 0)} zero points dropped",
+        f"{done.get('bias_scales_derived', 0)} bias scales as Mul",
+        f"{done.get('names_shortened', 0)} names shortened",
+        f"{done.get('value_info_dropped', 0)} value-info dropped",
+    ]
+    return ", ".join(parts)
 
 
 def _float_outputs(stats: dict[str, Any]) -> str:
