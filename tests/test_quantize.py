@@ -1028,3 +1028,52 @@ def test_cuda_static_leaves_matmul_outputs_float_for_fidelity(tmp_path):
     }
     assert _cosine(out["f"], out["d"]) > _cosine(out["f"], out["r"])
     assert _cosine(out["f"], out["d"]) > 0.999
+
+
+def _embedding_model() -> onnx.ModelProto:
+    """ids -> word table (4096 x 64, int8-worthy) + position table (16 x 64) -> MatMul."""
+    rng = np.random.default_rng(2)
+    word = numpy_helper.from_array(rng.standard_normal((4096, 64)).astype(np.float32), "word")
+    pos = numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "pos")
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Gather", ["word", "ids"], ["we"], name="word_gather"),
+        helper.make_node("Gather", ["pos", "positions"], ["pe"], name="pos_gather"),
+        helper.make_node("Add", ["we", "pe"], ["emb"], name="add"),
+        helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embed",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8]),
+            helper.make_tensor_value_info("positions", TensorProto.INT64, [1, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])],
+        [word, pos, w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_static_stores_large_embedding_tables_in_int8_and_keeps_small_ones_float(tmp_path):
+    rng = np.random.default_rng(3)
+    calib = tmp_path / "calib.npz"
+    ids = rng.integers(0, 4096, (16, 1, 8)).astype(np.int64)
+    np.savez(calib, ids=ids, positions=np.tile(np.arange(8, dtype=np.int64), (16, 1, 1)))
+    model = _embedding_model()
+    result = get_pass("quantize", mode="static", calib_data=str(calib)).run(model)
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    writers = {o: n for n in result.model.graph.node for o in n.output}
+    gathers = {n.name: n for n in result.model.graph.node if n.op_type == "Gather"}
+    word_in = writers[gathers["word_gather"].input[0]]
+    assert word_in.op_type == "DequantizeLinear"
+    assert stored[word_in.input[0]] in (TensorProto.INT8, TensorProto.UINT8)
+    assert gathers["pos_gather"].input[0] == "pos" and stored["pos"] == TensorProto.FLOAT
+    assert "pos_gather" in result.stats["excluded_nodes"]
+    assert result.model.ByteSize() < model.ByteSize() * 0.4
+    feed = {"ids": rng.integers(0, 4096, (1, 8)), "positions": np.arange(8)[None]}
+    a = _session(model).run(None, feed)[0]
+    b = _session(result.model).run(None, feed)[0]
+    assert _cosine(a, b) > 0.99

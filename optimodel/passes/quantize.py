@@ -51,7 +51,7 @@ from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
 from optimodel.quant.compact import compact_qdq
 from optimodel.quant.outputs import float_matmul_outputs, float_outputs
-from optimodel.quant.presets import PRESETS, preset_nodes
+from optimodel.quant.presets import PRESETS, preset_nodes, small_lookup_tables
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
 from optimodel.quant.targets import TARGETS, check_target
 
@@ -70,8 +70,8 @@ DYNAMIC_CPU_OPS = ["MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormaliza
 # ONNX Runtime's default also quantizes Add, Mul, Sigmoid, Softmax, ... (residuals,
 # normalizations, gates): measured on magika, that took the output cosine to 0.02 where
 # this set keeps 0.995 at the same speed (USER_ASKS item 9). Gather stores embedding
-# tables in int8 (ONNX Runtime gathers the int8 rows): MiniLM 0.65x -> 0.25x of its float
-# size, the same latency and embedding cosine (0.9895 -> 0.9894).
+# tables in int8 (ONNX Runtime gathers the int8 rows): MiniLM 0.65x -> 0.26x of its float
+# size at the same latency; small tables stay float (`presets.small_lookup_tables`).
 STATIC_CPU_OPS = [
     "Conv",
     "ConvTranspose",
@@ -573,6 +573,9 @@ class QuantizePass(Pass):
         if kept:
             resolved.extend(kept)
             warnings.append(f"--exclude-preset {preset}: kept {', '.join(kept)} in float")
+        if self.options["mode"] == "static" and "Gather" in self._op_types():
+            if not self.options["op_types"]:  # the default op set: small tables stay float
+                resolved.extend(n for n in small_lookup_tables(model) if n not in resolved)
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         absent = [op for op in self.options["exclude_ops"] or () if op not in present]
         if absent:
