@@ -126,15 +126,13 @@ def test_a_bias_scale_the_quantizer_widened_stays_stored(digits_qdq):
 
 
 def test_quantize_pass_writes_compact_qdq_and_tensorrt_keeps_stored_scales(tmp_path):
-    tmp = tmp_path
-    np.savez(tmp / "calib.npz", input=_images()[:16])
+    calib = str(tmp_path / "calib.npz")
+    np.savez(calib, input=_images()[:16])
     model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
-    cpu = get_pass("quantize", mode="static", calib_data=str(tmp / "calib.npz")).run(model)
+    cpu = get_pass("quantize", mode="static", calib_data=calib).run(model)
     assert cpu.stats["compacted"]["bias_scales_derived"] >= 4
     assert cpu.stats["compacted"]["zero_points_dropped"] > 0
-    trt = get_pass(
-        "quantize", mode="static", calib_data=str(tmp / "calib.npz"), target="tensorrt"
-    ).run(model)
+    trt = get_pass("quantize", mode="static", calib_data=calib, target="tensorrt").run(model)
     assert trt.stats["compacted"]["bias_scales_derived"] == 0
     for node in trt.model.graph.node:  # TensorRT reads every scale from a stored tensor
         if node.op_type == "DequantizeLinear":

@@ -36,6 +36,13 @@ WEIGHT_ONLY = ["mlp", "transformer_block", "foldable", "control_flow"]
 NOTHING_TO_QUANTIZE = {("control_flow", "static")}
 
 
+def _opset17(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """A test graph as a model ONNX Runtime's quantizer takes (opset 17, IR 8)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def _ops(model: onnx.ModelProto) -> Counter[str]:
     return Counter(n.op_type for n in model.graph.node)
 
@@ -239,7 +246,7 @@ def _tiny_lm() -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "T", 96])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _opset17(graph)
 
 
 def test_weight_only_keeps_embedding_float_and_lm_head_at_8_bits():
@@ -856,8 +863,7 @@ def _mlp_with_shape_path() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _opset17(graph)
     onnx.checker.check_model(model)
     return model
 
@@ -919,9 +925,7 @@ def _mlp(
         [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [*shape[:-1], widths[-1]])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _opset17(graph)
 
 
 def test_static_int8_leaves_the_outputs_of_a_cheap_head_in_float(tmp_path):
@@ -974,8 +978,7 @@ def test_float_outputs_copies_a_graph_input_under_the_output_name():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
         [scale, zero],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _opset17(graph)
     model, kept = float_outputs(model, model)
     assert kept == ["y"] and [n.op_type for n in model.graph.node] == ["Identity"]
     onnx.checker.check_model(model)
@@ -1052,9 +1055,7 @@ def _embedding_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])],
         [word, pos, w],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _opset17(graph)
 
 
 def test_static_stores_large_embedding_tables_in_int8_and_keeps_small_ones_float(tmp_path):

@@ -573,9 +573,10 @@ class QuantizePass(Pass):
         if kept:
             resolved.extend(kept)
             warnings.append(f"--exclude-preset {preset}: kept {', '.join(kept)} in float")
-        if self.options["mode"] == "static" and "Gather" in self._op_types():
-            if not self.options["op_types"]:  # the default op set: small tables stay float
-                resolved.extend(n for n in small_lookup_tables(model) if n not in resolved)
+        default_ops = not self.options["op_types"]
+        if self.options["mode"] == "static" and default_ops and "Gather" in self._op_types():
+            # the default op set stores lookup tables in int8, but small ones stay float
+            resolved.extend(n for n in small_lookup_tables(model) if n not in resolved)
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         absent = [op for op in self.options["exclude_ops"] or () if op not in present]
         if absent:
