@@ -186,6 +186,7 @@ class Dataset:
     _factory: object = field(repr=False)
     num_feeds: int | None = None
     has_labels: bool = False
+    same_shapes: bool = True  # every feed has the same input shapes
 
     def __iter__(self) -> Iterator[Batch]:
         return self._factory()  # type: ignore[operator]
@@ -241,6 +242,28 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def npz_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Array shapes of an .npz from the .npy headers alone (no data read, no pickle);
+    None when a header cannot be read (loading the file will say why)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shapes[member[: -len(".npy")]] = tuple(read(handle)[0])
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    return shapes
 
 
 def _check_keys(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> None:
@@ -323,6 +346,8 @@ def _npz_folder(path: Path, specs: list[InputSpec], max_samples: int | None) -> 
     if max_samples is not None:
         files = files[:max_samples]
     has_labels = LABELS_KEY in _open_npz(files[0])
+    first = npz_shapes(files[0])
+    same_shapes = first is not None and all(npz_shapes(f) == first for f in files[1:])
 
     def factory() -> Iterator[Batch]:
         for file in files:
@@ -340,6 +365,7 @@ def _npz_folder(path: Path, specs: list[InputSpec], max_samples: int | None) -> 
         _factory=factory,
         num_feeds=len(files),
         has_labels=has_labels,
+        same_shapes=same_shapes,
     )
 
 

@@ -60,6 +60,7 @@ def test_folder_of_feeds_with_varying_shapes(tmp_path, transformer_specs):
         np.savez(tmp_path / f"feed_{i:02d}.npz", hidden_states=rng.random((1, seq, 64)))
     feeds = list(load_data(tmp_path, transformer_specs))
     assert [f.feed["hidden_states"].shape[1] for f in feeds] == [3, 7, 5]
+    assert load_data(tmp_path, transformer_specs).same_shapes is False  # from the headers
     assert all(f.feed["hidden_states"].dtype == np.float32 for f in feeds)  # cast from float64
 
 

@@ -423,6 +423,29 @@ def test_folder_of_one_feed_files_calibrates(tmp_path):
     assert result.stats["quantized_ops"]["QDQ Conv"] == 4
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy", "minmax"])
+def test_feeds_of_varying_lengths_calibrate_one_at_a_time(tmp_path, method):
+    # ONNX Runtime's histogram calibrators stack the outputs of a chunk of samples, which
+    # fails on sentences of different lengths: such a folder calibrates sample by sample
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    lengths = [5, 9, 3, 12, 7, 9]
+    for i, seq in enumerate(lengths):
+        np.savez(folder / f"{i:03d}.npz", hidden_states=rng.standard_normal((1, seq, 64)))
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    result = get_pass("quantize", mode="static", calib_data=str(folder), calib_method=method).run(
+        model
+    )
+    assert result.stats["calibration"]["samples"] == len(lengths)
+    assert result.stats["calibration"]["chunk"] == 1
+    feed = {"hidden_states": rng.standard_normal((1, 11, 64)).astype(np.float32)}
+    (expected,) = _session(model).run(None, feed)
+    (got,) = _session(result.model).run(None, feed)
+    assert got.shape == expected.shape == (1, 11, 64)
+    assert _cosine(got, expected) > 0.98
+
+
 def test_random_calibration_warns(qcli, tmp_path):
     result = _digits_cli(qcli, tmp_path, "random")
     assert result.exit_code == 0, result.output

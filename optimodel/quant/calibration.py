@@ -205,6 +205,8 @@ def calibration_reader(
             )
     per_sample = activation_bytes(model, first.feed)
     limit = CHUNK if per_sample is None else CALIB_MEMORY_BUDGET // per_sample
-    chunk = chunk_size(count, max(1, min(CHUNK, limit)))
+    # ONNX Runtime's histogram calibrators stack a chunk's outputs into one array, which
+    # fails when samples differ in shape (sentences of different lengths): one at a time
+    chunk = chunk_size(count, max(1, min(CHUNK, limit))) if dataset.same_shapes else 1
     reader = DatasetReader(dataset, count)
     return Calibration(reader, dataset.description, warnings, chunk, per_sample)
