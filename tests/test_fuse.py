@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ import typer
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from optimodel.errors import UsageError
 from optimodel.fusions import Pattern
 from optimodel.passes import get_pass
 from optimodel.pipeline import run_passes
@@ -574,7 +576,7 @@ def _transformer_feed(batch: int = 2, seq: int = 7) -> dict[str, np.ndarray]:
 
 def test_transformer_sample_with_ort_target_fuses_attention_layernorm_and_gelu():
     model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
-    result = _fuse(model, target="ort")
+    result = _fuse(model, target="ort", enable=["skip-layernorm"])
     fired = result.stats["fired"]
     assert fired["layernorm"] == 2 and fired["gelu"] == 1 and fired["attention"] == 1
     assert fired["skip-layernorm"] == 1
@@ -590,7 +592,7 @@ def test_transformer_sample_with_ort_target_fuses_attention_layernorm_and_gelu()
         _same_outputs(model, result.model, _transformer_feed(batch, seq), tol=1e-4)
     # folding first changes nothing about what fuses
     folded = get_pass("fold").run(model).model
-    assert _fuse(folded, target="ort").stats["fired"] == fired
+    assert _fuse(folded, target="ort", enable=["skip-layernorm"]).stats["fired"] == fired
 
 
 def test_fused_model_bytes_handed_on_are_the_models_own():
@@ -746,8 +748,6 @@ def test_a_pattern_that_raises_declines_and_leaves_the_graph(monkeypatch):
 
 
 def test_unknown_options_are_usage_errors():
-    from optimodel.errors import UsageError
-
     with pytest.raises(UsageError, match="unknown pattern"):
         get_pass("fuse", skip=["conv-bnn"])
     with pytest.raises(UsageError, match="unknown preset"):
@@ -826,11 +826,72 @@ def test_transform_file_runs_fuse_with_the_portable_target(tmp_path):
     assert _ops(saved)["LayerNormalization"] == 2
 
 
+def _ort_optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> Counter:
+    """Op counts of the graph ONNX Runtime runs after its own load-time optimizations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _ops(onnx.load(options.optimized_model_filepath))
+
+
+def test_ort_target_leaves_skip_layernorm_to_the_fast_cpu_pair(tmp_path):
+    # ONNX Runtime's CPU SkipLayerNormalization is slower than Add + LayerNormalization:
+    # by default the residual is added before the bias, a form ORT does not fuse at load
+    model = onnx.load(str(SAMPLES / "transformer_block.onnx"))
+    result = _fuse(model, target="ort")
+    assert "skip-layernorm" not in result.stats["fired"]
+    assert "skip-layernorm" in result.stats["off_by_default"]
+    assert result.stats["fired"]["attention"] == 1
+    assert result.stats["bias_after_residual"] >= 1
+    ops = _ops(result.model)
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 2
+    onnx.checker.check_model(result.model)
+    loaded = _ort_optimized_ops(result.model, tmp_path)
+    assert loaded["SkipLayerNormalization"] == 0 and loaded["LayerNormalization"] == 2
+    assert loaded["Attention"] == 1
+    for batch, seq in ((1, 1), (2, 7)):
+        _same_outputs(model, result.model, _transformer_feed(batch, seq), tol=1e-4)
+    # the fused kernel is there for those who want it (CUDA)
+    fused = _fuse(model, target="ort", enable=["skip-layernorm"])
+    assert _ops(fused.model)["SkipLayerNormalization"] == 1
+    assert "off_by_default" not in fused.stats
+
+
+def test_bias_after_residual_keeps_the_graph_sorted_and_the_numbers():
+    from optimodel.fusions.residual_order import bias_after_residual
+
+    model = onnx.parser.parse_model(  # weights added below
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, 8] x, float[B, S, 8] h) => (float[B, S, 8] y) {
+            m = MatMul(x, w)
+            t = Add(b, m)
+            r = Relu(h)
+            s = Add(r, t)
+            y = LayerNormalization<axis = -1>(s, gamma, beta)
+        }"""
+    )
+    for name, shape in (("w", (8, 8)), ("b", (8,)), ("gamma", (8,)), ("beta", (8,))):
+        model.graph.initializer.append(numpy_helper.from_array(_x(*shape), name))
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    assert bias_after_residual(model) == 1
+    onnx.checker.check_model(model)  # the Add that reads r now runs after Relu
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert list(adds[0].input) == ["m", "r"] and list(adds[1].input) == ["t", "b"]
+    _same_outputs(before, model, {"x": _x(2, 3, 8), "h": _x(2, 3, 8)}, tol=1e-5)
+    assert bias_after_residual(model) == 0  # nothing left to move
+
+
+def test_enable_accepts_only_patterns_that_are_off_by_default():
+    with pytest.raises(UsageError, match="only patterns off by default"):
+        get_pass("fuse", enable=["conv-bn"])
+
+
 def test_skip_layernorm_over_a_broadcasting_add_stays_exact():
     text = LAYERNORM.replace("(float[B, S, 8] x)", "(float[B, S, 8] h, float[1, S, 8] pos)")
     text = text.replace("{{\n    mean", "{{\n    x = Add(h, pos)\n    mean")
     model = parse_model(text.format(ir=8, opset=17))
-    result = _fuse(model, preset="transformer")
+    result = _fuse(model, preset="transformer", enable=["skip-layernorm"])
     assert result.stats["fired"]["skip-layernorm"] == 1
     # the shapes differ, so ONNX Runtime's own broadcast checks decided
     assert result.stats["ort_symbolic_shape_inference"] is True

@@ -64,6 +64,15 @@ def fuse(
             show_default=False,
         ),
     ] = None,
+    enable: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--enable",
+            help="Turn on a pattern that is off by default: skip-layernorm (ONNX Runtime's "
+            "CPU kernel is slower than Add + LayerNormalization; faster on CUDA).",
+            show_default=False,
+        ),
+    ] = None,
     force: ForceOpt = False,
     no_verify: NoVerifyOpt = False,
     data: DataOpt = None,
@@ -82,7 +91,9 @@ def fuse(
     from optimodel.transform import transform_file
 
     reports = check_report_paths(report)
-    fuse_pass = get_pass("fuse", preset=preset.value, target=target.value, skip=skip or [])
+    fuse_pass = get_pass(
+        "fuse", preset=preset.value, target=target.value, skip=skip or [], enable=enable or []
+    )
     run = transform_file(
         model,
         output,
@@ -112,5 +123,7 @@ def _print_fusions(data: dict[str, Any]) -> None:
         fired = {k: v for k, v in stats.get("fired", {}).items() if v}
         listed = ", ".join(f"{k} x{v}" for k, v in fired.items()) or "nothing"
         console.print(f"fused: {escape(listed)}")
+        for name, why in stats.get("off_by_default", {}).items():
+            console.print(f"off by default: {escape(name)} ({escape(why)})")
         for warning in stats.get("warnings", []):
             console.print(f"[yellow]warning:[/] {escape(warning)}")

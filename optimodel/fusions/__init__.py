@@ -308,6 +308,15 @@ def graph_patterns() -> list[GraphPattern]:
     return [_GRAPH_PATTERNS[k] for k in sorted(_GRAPH_PATTERNS)]
 
 
+# Patterns `--enable` turns on, with why they are off: ONNX Runtime's CPU
+# SkipLayerNormalization kernel is 6-8x slower than Add + LayerNormalization (see
+# `residual_order`); CUDA's is fast.
+OFF_BY_DEFAULT: dict[str, str] = {
+    "skip-layernorm": "ONNX Runtime's CPU kernel is slower than Add + LayerNormalization; "
+    "--enable skip-layernorm for CUDA",
+}
+
+
 def pattern_names() -> dict[str, str]:
     """Every name `--skip` accepts -> its group."""
     names = {p.name: p.group for p in node_patterns()}

@@ -28,6 +28,7 @@ import onnx
 from optimodel.fusions import GraphOutcome, GraphPattern, GraphView, register, shapes_only
 from optimodel.fusions.attention_mask import MaskRewrite, normalize_attention_masks
 from optimodel.fusions.layernorm import LAYERNORM_OPSET, expand_layernorm
+from optimodel.fusions.residual_order import bias_after_residual
 from optimodel.graphs import STANDARD_DOMAINS, copy_model, value_types
 from optimodel.modelio import has_external_tensors, tensor_array
 
@@ -202,6 +203,10 @@ def _fuse_with_ort(
         info["ort_symbolic_shape_inference"] = True
     info["ort_fused_operators"] = {k: v for k, v in stats.items() if v}
     _standard_clean(result)
+    if "skip-layernorm" not in enabled:
+        moved = bias_after_residual(result)
+        if moved:
+            info["bias_after_residual"] = moved
     before, after = _op_counts(model), _op_counts(result)
     declined: list[dict[str, str]] = []
     attention_ops = FUSED_OPS["attention"]

@@ -24,6 +24,7 @@ import onnx
 from optimodel.errors import UsageError
 from optimodel.fusions import (
     GROUPS,
+    OFF_BY_DEFAULT,
     TARGETS,
     GraphView,
     Pattern,
@@ -376,7 +377,13 @@ class FusePass(Pass):
         "LayerNorm / GELU / SkipLayerNorm / Attention"
     )
     tolerance = "exact"
-    defaults = {"preset": "auto", "target": "ort", "skip": [], "max_rounds": MAX_ROUNDS}
+    defaults = {
+        "preset": "auto",
+        "target": "ort",
+        "skip": [],
+        "enable": [],
+        "max_rounds": MAX_ROUNDS,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -389,11 +396,18 @@ class FusePass(Pass):
                 f"fuse: unknown target '{self.options['target']}'; use {', '.join(TARGETS)}"
             )
         self.options["skip"] = _skip_list(self.options["skip"])
+        self.options["enable"] = _skip_list(self.options["enable"])
         known = pattern_names()
         unknown = [s for s in self.options["skip"] if s not in known]
         if unknown:
             raise UsageError(
                 f"fuse: unknown pattern(s) {', '.join(unknown)}; patterns: {', '.join(known)}"
+            )
+        odd = [s for s in self.options["enable"] if s not in OFF_BY_DEFAULT]
+        if odd:
+            raise UsageError(
+                f"fuse: --enable {', '.join(odd)}: only patterns off by default can be "
+                f"turned on ({', '.join(OFF_BY_DEFAULT)}); the others run unless --skip"
             )
 
     def run(self, model: onnx.ModelProto) -> PassResult:
@@ -408,7 +422,8 @@ class FusePass(Pass):
             if preset == "auto"
             else [g for g in GROUPS if g in (preset, "common")]
         )
-        enabled = {n for n, g in pattern_names().items() if g in groups and n not in skip}
+        off = set(OFF_BY_DEFAULT) - set(self.options["enable"])
+        enabled = {n for n, g in pattern_names().items() if g in groups and n not in skip | off}
         # Whole-graph fusions read the input and return a new model; the local rounds
         # rewrite in place, so they get a copy (0.06 s per 90 MB) only if still needed.
         run = _Run(model, types, target, groups, enabled)
@@ -433,6 +448,9 @@ class FusePass(Pass):
         }
         if skip:
             stats["skipped"] = sorted(skip)
+        held = sorted(n for n in off if n in runnable and pattern_names()[n] in groups)
+        if held:
+            stats["off_by_default"] = {n: OFF_BY_DEFAULT[n] for n in held}
         if self.tolerance != type(self).tolerance:
             stats["tolerance"] = f"{self.tolerance} (half-precision weights round differently)"
         stats.update(run.info)
