@@ -51,7 +51,7 @@ def fuse(
         Target,
         typer.Option(
             "--target",
-            help="ort: may use ONNX Runtime's com.microsoft ops (Attention, SkipLayerNorm...); "
+            help="ort: may use ONNX Runtime's com.microsoft ops (Attention, BiasGelu...); "
             "portable: standard ONNX ops only.",
         ),
     ] = Target.ort,

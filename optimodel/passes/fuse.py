@@ -4,7 +4,9 @@ The preset picks pattern groups by what the graph holds (`auto`: CNN patterns wh
 has convolutions, transformer patterns when it has attention-like MatMul + Softmax, a
 decomposed LayerNorm or an Erf GELU; common patterns always). The target decides which ops a fusion
 may produce: `ort` lets ONNX Runtime's transformer optimizer write com.microsoft ops
-(Attention, SkipLayerNormalization, BiasGelu, ...), `portable` keeps to standard ONNX.
+(Attention, BiasGelu, ...), `portable` keeps to standard ONNX. Patterns in
+`OFF_BY_DEFAULT` (SkipLayerNormalization: slower than Add + LayerNormalization on ONNX
+Runtime's CPU) run only when `enable` names them.
 
 Local patterns run in rounds until none fires, so chains collapse and a second run
 changes nothing. A pattern that does not apply says why (`declined`); one that raises
