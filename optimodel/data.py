@@ -342,7 +342,9 @@ def _stacked_npz(
 def _npz_folder(path: Path, specs: list[InputSpec], max_samples: int | None) -> Dataset:
     files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
     if not files:
-        raise DataError(f"{path}: folder holds no .npz files")
+        raise DataError(
+            f"{path}: folder holds no .npz files (nor test_data_set_*/input_*.pb folders)"
+        )
     if max_samples is not None:
         files = files[:max_samples]
     has_labels = LABELS_KEY in _open_npz(files[0])
@@ -439,6 +441,80 @@ def random_feed(
     return feed
 
 
+PB_SET_PREFIX = "test_data_set_"  # ONNX's own test-data layout (model zoo, onnx backend tests)
+
+
+def _numbered(path: Path) -> tuple[int, str]:
+    digits = re.search(r"(\d+)$", path.stem)
+    return (int(digits.group(1)) if digits else -1, path.name)
+
+
+def _pb_sets(path: Path) -> list[Path]:
+    """`test_data_set_N` folders holding `input_K.pb` under `path` (or `path` itself)."""
+
+    def is_set(folder: Path) -> bool:
+        return folder.name.startswith(PB_SET_PREFIX) and any(folder.glob("input_*.pb"))
+
+    if is_set(path):
+        return [path]
+    return sorted((p for p in path.iterdir() if p.is_dir() and is_set(p)), key=_numbered)
+
+
+def _read_pb(path: Path) -> tuple[str, np.ndarray]:
+    """(name, array) of one serialized TensorProto; protobuf only, never pickle."""
+    from google.protobuf.message import DecodeError
+    from onnx import numpy_helper
+
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(path.read_bytes())
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError("its data is in an external file")
+        return tensor.name, numpy_helper.to_array(tensor)
+    except (DecodeError, ValueError, TypeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "not parsable"
+        raise DataError(f"{path}: not a readable TensorProto .pb file ({first})") from exc
+
+
+def _pb_folder(
+    path: Path, sets: list[Path], specs: list[InputSpec], max_samples: int | None
+) -> Dataset:
+    """One feed per `test_data_set_N`: `input_K.pb` by tensor name, else by position."""
+    if max_samples is not None:
+        sets = sets[:max_samples]
+    names = [s.name for s in specs]
+
+    def feed_of(folder: Path) -> dict[str, np.ndarray]:
+        files = sorted(folder.glob("input_*.pb"), key=_numbered)
+        if len(files) != len(specs):
+            raise DataError(
+                f"{folder}: {len(files)} input_*.pb file(s) for the model's {len(specs)} "
+                f"input(s) {', '.join(s.describe() for s in specs)}"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for index, file in enumerate(files):
+            name, array = _read_pb(file)
+            arrays[name if name in names else names[index]] = array
+        _check_keys(arrays, specs, str(folder))
+        return {
+            s.name: _check_array(s, arrays[s.name], str(folder), extra_leading=False) for s in specs
+        }
+
+    feed_of(sets[0])  # a bad set fails now, with its folder named
+
+    def factory() -> Iterator[Batch]:
+        for folder in sets:
+            yield Batch(feed_of(folder))
+
+    return Dataset(
+        description=f"{path.name}/: {len(sets)} ONNX test data set(s) (input_*.pb)",
+        source=str(path),
+        _factory=factory,
+        num_feeds=len(sets),
+        same_shapes=False,  # not known without parsing every set: calibrate one at a time
+    )
+
+
 def load_data(
     source: str | Path | None,
     specs: list[InputSpec],
@@ -449,7 +525,8 @@ def load_data(
     int_range: tuple[int, int] = (0, 255),
     seed: int = 0,
 ) -> Dataset:
-    """Open `.npz`, a folder of `.npz`, or `random` (the default) as feeds for a model."""
+    """Open `.npz`, a folder of `.npz`, ONNX `test_data_set_*` folders of `input_*.pb`,
+    or `random` (the default) as feeds for a model."""
     shapes = shapes or {}
     unknown = sorted(set(shapes) - {s.name for s in specs})
     if unknown:
@@ -478,9 +555,13 @@ def load_data(
     if not path.exists():
         raise DataError(f"{path}: no such data file or folder")
     if path.is_dir():
+        sets = _pb_sets(path)
+        if sets:
+            return _pb_folder(path, sets, specs, num_samples)
         return _npz_folder(path, specs, num_samples)
     if path.suffix != ".npz":
         raise DataError(
-            f"{path}: unsupported data file; give a .npz, a folder of .npz, or 'random'"
+            f"{path}: unsupported data file; give a .npz, a folder of .npz, a folder of "
+            "test_data_set_*/input_*.pb, or 'random'"
         )
     return _stacked_npz(path, specs, batch_size, num_samples)

@@ -208,3 +208,46 @@ def test_random_ids_stay_inside_onnxruntimes_fused_embedding_tables():
     assert feed["ids"].max() < 50 and feed["segments"].max() < 2
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, feed)[0].shape == (1, 8, 16)
+
+
+def _pb_sets(root, arrays, named=True):
+    """ONNX's test-data layout: root/test_data_set_N/input_0.pb, one feed per set."""
+    from onnx import numpy_helper
+
+    for i, array in enumerate(arrays):
+        folder = root / f"test_data_set_{i}"
+        folder.mkdir(parents=True)
+        tensor = numpy_helper.from_array(array, "input" if named else "")
+        (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
+
+
+def test_onnx_test_data_sets_are_feeds(tmp_path, digits_specs):
+    with np.load(SAMPLES / "digits_test.npz") as data:
+        images = [data["input"][i : i + 1] for i in range(12)]
+    _pb_sets(tmp_path / "named", images)
+    _pb_sets(tmp_path / "positional", images, named=False)  # unnamed: matched by position
+    for root in (tmp_path / "named", tmp_path / "positional"):
+        dataset = load_data(root, digits_specs)
+        feeds = list(dataset)
+        assert dataset.num_feeds == 12 and len(feeds) == 12
+        for feed, image in zip(feeds, images, strict=True):  # test_data_set_10 after _9
+            np.testing.assert_array_equal(feed.feed["input"], image)
+    one = list(load_data(tmp_path / "named" / "test_data_set_3", digits_specs))
+    assert len(one) == 1
+    np.testing.assert_array_equal(one[0].feed["input"], images[3])
+
+
+def test_bad_onnx_test_data_sets_are_one_line_errors(tmp_path, digits_specs):
+    _pb_sets(tmp_path / "wrong_shape", [np.zeros((1, 1, 5, 5), np.float32)])
+    with pytest.raises(DataError, match="expects"):
+        load_data(tmp_path / "wrong_shape", digits_specs)
+    corrupt = tmp_path / "corrupt" / "test_data_set_0"
+    corrupt.mkdir(parents=True)
+    (corrupt / "input_0.pb").write_bytes(b"\xff\xff not a tensor")
+    with pytest.raises(DataError, match="not a readable TensorProto"):
+        load_data(tmp_path / "corrupt", digits_specs)
+    extra = tmp_path / "wrong_count" / "test_data_set_0"
+    _pb_sets(tmp_path / "wrong_count", [np.zeros((1, 1, 8, 8), np.float32)])
+    (extra / "input_1.pb").write_bytes((extra / "input_0.pb").read_bytes())
+    with pytest.raises(DataError, match="2 input_\\*.pb file"):
+        load_data(tmp_path / "wrong_count", digits_specs)

@@ -446,6 +446,22 @@ def test_feeds_of_varying_lengths_calibrate_one_at_a_time(tmp_path, method):
     assert _cosine(got, expected) > 0.98
 
 
+def test_onnx_test_data_sets_calibrate(tmp_path):
+    from onnx import numpy_helper
+
+    with np.load(SAMPLES / "digits_test.npz") as data:
+        for i in range(10):
+            folder = tmp_path / "sets" / f"test_data_set_{i}"
+            folder.mkdir(parents=True)
+            tensor = numpy_helper.from_array(data["input"][i : i + 1], "input")
+            (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    result = get_pass("quantize", mode="static", calib_data=str(tmp_path / "sets")).run(model)
+    assert result.stats["calibration"]["samples"] == 10
+    assert "ONNX test data set" in result.stats["calibration"]["data"]
+    assert result.stats["quantized_ops"]["QDQ Conv"] == 4
+
+
 def test_random_calibration_warns(qcli, tmp_path):
     result = _digits_cli(qcli, tmp_path, "random")
     assert result.exit_code == 0, result.output

@@ -20,7 +20,8 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="Input data: a .npz (samples stacked), a folder of one-feed .npz files, or 'random'.",
+        help="Input data: a .npz (samples stacked), a folder of one-feed .npz files, ONNX "
+        "test_data_set_*/input_*.pb folders, or 'random'.",
         show_default=False,
     ),
 ]

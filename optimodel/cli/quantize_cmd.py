@@ -80,7 +80,8 @@ def quantize(
         str | None,
         _opt(
             "--calib-data",
-            help="Static: calibration inputs: a .npz (stacked), a folder of .npz, or 'random'.",
+            help="Static: calibration inputs: a .npz (stacked), a folder of .npz or of "
+            "test_data_set_*/input_*.pb, or 'random'.",
         ),
     ] = None,
     calib_method: Annotated[
