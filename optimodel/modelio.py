@@ -226,6 +226,15 @@ def load_model(
 
     `check=False` skips the ONNX checker (inspect shows a model before judging it).
     """
+    return load_model_with_bytes(path, load_external_data=load_external_data, check=check)[0]
+
+
+def load_model_with_bytes(
+    path: str | os.PathLike[str], *, load_external_data: bool = True, check: bool = True
+) -> tuple[onnx.ModelProto, bytes | None]:
+    """`load_model`, plus the file's bytes when they are the model's whole serialization
+    (no external data, at most `REUSE_MAX_BYTES`): serializing the input again for its
+    checks would cost as much as reading it (0.2 s for a 90 MB encoder)."""
     source = Path(path)
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file")
@@ -233,8 +242,13 @@ def load_model(
         raise ModelLoadError(f"{source}: is a folder, not an ONNX model file")
     if source.stat().st_size == 0:
         raise ModelLoadError(f"{source}: empty file, not an ONNX model")
+    data: bytes | None = None
     try:
-        model = onnx.load_model(str(source), load_external_data=False)
+        if source.stat().st_size <= REUSE_MAX_BYTES:
+            data = source.read_bytes()
+            model = onnx.load_model_from_string(data)
+        else:
+            model = onnx.load_model(str(source), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, TypeError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(
@@ -248,6 +262,8 @@ def load_model(
             f"{source}: not an ONNX model (no IR version or graph); is it another file format?"
         )
     files = external_data_files(model, source.parent, source)
+    if files or has_external_tensors(model):
+        data = None  # the file holds the graph, not the weights
     if files and (not load_external_data or sum(files.values()) >= LAZY_EXTERNAL_BYTES):
         _mark_lazy(model, source)
     elif files:
@@ -256,8 +272,8 @@ def load_model(
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{source}: cannot read external data: {exc}") from exc
     if check:
-        check_model(model, source)
-    return model
+        check_model(model, source, serialized=data)
+    return model, data
 
 
 def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
@@ -547,6 +563,20 @@ def stamp_provenance(model: onnx.ModelProto, provenance: Provenance) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def _stamped(model: onnx.ModelProto, provenance: Provenance, payload: bytes | None) -> bytes | None:
+    """Stamp the provenance; the stamped model's bytes from `payload` when the stamp only
+    appends entries (no earlier optimodel entry, no folder entry to strip), else None."""
+    keys = [p.key for p in model.metadata_props]
+    appends_only = not any(k.startswith(PROVENANCE_PREFIX) or k == FOLDER_KEY for k in keys)
+    count = len(model.metadata_props)
+    stamp_provenance(model, provenance)
+    if payload is None or not appends_only:
+        return None
+    tail = onnx.ModelProto()
+    tail.metadata_props.extend(model.metadata_props[count:])
+    return payload + tail.SerializeToString()
+
+
 def read_provenance(model: onnx.ModelProto) -> dict[str, str]:
     """The optimodel entries of a model's metadata_props (empty if it never passed through)."""
     return {
@@ -677,17 +707,21 @@ def save_model(
     external_data: bool | None = None,
     provenance: Provenance | None = None,
     check: bool = True,
+    payload: bytes | None = None,
 ) -> Path:
     """Write a model atomically: into a temporary folder beside the output, then rename.
 
     External data (automatic above the 2 GB protobuf limit, or on request) goes to one
     `<output>.data` file with a relative location. Either the complete new model appears
     under the output name or nothing changes; an existing output survives a failed write.
+    `payload`: the model's serialized bytes, when known; the provenance entries are then
+    appended to them as bytes (protobuf merges a repeated field's concatenated parts), not
+    serialized with the whole model again.
     """
     out = check_output_path(output, input_path=input_path, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     if provenance is not None:
-        stamp_provenance(model, provenance)
+        payload = _stamped(model, provenance, payload)
     lazy = has_external_tensors(model) and external_folder(model) is not None
     if not lazy:
         _strip_folder(model)  # all its data is in memory now: the folder no longer matters
@@ -716,7 +750,8 @@ def save_model(
                 convert_attribute=True,
             )
         else:
-            payload = model.SerializeToString()
+            if payload is None:
+                payload = model.SerializeToString()
             with open(tmp_model, "wb") as handle:
                 handle.write(payload)
             if check:  # its tensors were held to their sizes when loaded or made

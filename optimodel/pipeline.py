@@ -227,6 +227,36 @@ def run_passes(
     `size` is the input's size in bytes when the caller knows it (from its check), and
     `payload` its serialized bytes: each pass may reuse its input's bytes (`known_bytes`).
     """
+    result, records, _ = run_passes_with_bytes(
+        model,
+        passes,
+        batches=batches,
+        session_config=session_config,
+        pass_timeout=pass_timeout,
+        source=source,
+        on_pass=on_pass,
+        stage=stage,
+        size=size,
+        payload=payload,
+    )
+    return result, records
+
+
+def run_passes_with_bytes(
+    model: onnx.ModelProto,
+    passes: list[Pass],
+    *,
+    batches: list[Batch] | None = None,
+    session_config: SessionConfig | None = None,
+    pass_timeout: float | None = None,
+    source: str = "model",
+    on_pass: Callable[[PassRecord], None] | None = None,
+    stage: StageOutputs | None = None,
+    size: int | None = None,
+    payload: bytes | None = None,
+) -> tuple[onnx.ModelProto, list[PassRecord], bytes | None]:
+    """`run_passes`, plus the result's serialized bytes when known (None otherwise), so
+    saving it need not serialize it again."""
     if stage is None and batches is not None:
         stage = StageOutputs(batches, session_config)
     if stage is not None and stage.first is None:
@@ -270,7 +300,7 @@ def run_passes(
         records.append(record)
         if on_pass:
             on_pass(record)
-    return current, records
+    return current, records, payload
 
 
 def default_pass_output(path: Path, suffix: str) -> Path:

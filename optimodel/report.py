@@ -7,6 +7,7 @@ accuracy, gates, and the status of the run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,8 +46,10 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def model_record(path: str | os.PathLike[str], model: Any | None = None) -> dict[str, Any]:
-    """What identifies a model file in a report."""
+def model_record(
+    path: str | os.PathLike[str], model: Any | None = None, data: bytes | None = None
+) -> dict[str, Any]:
+    """What identifies a model file in a report (`data`: the file's bytes, if read)."""
     from optimodel.modelio import (
         count_nodes,
         file_sha256,
@@ -63,7 +66,7 @@ def model_record(path: str | os.PathLike[str], model: Any | None = None) -> dict
         parameters += math.prod(tensor.dims) if tensor.dims else 1
     return {
         "path": str(source),
-        "sha256": file_sha256(source),
+        "sha256": hashlib.sha256(data).hexdigest() if data is not None else file_sha256(source),
         "bytes": model_files_bytes(source, model),
         "nodes": count_nodes(model),
         "parameters": parameters,

@@ -18,12 +18,12 @@ from optimodel.modelio import (
     check_output_path,
     custom_domains,
     known_bytes,
-    load_model,
+    load_model_with_bytes,
     reusable_bytes,
     save_model,
 )
 from optimodel.passes import Pass
-from optimodel.pipeline import PassRecord, StageOutputs, run_passes
+from optimodel.pipeline import PassRecord, StageOutputs, run_passes_with_bytes
 from optimodel.report import Report, model_record
 from optimodel.runtime.sessions import SessionConfig
 
@@ -52,10 +52,11 @@ def transform_file(
     source, target = Path(input_path), Path(output_path)
     check_output_path(target, input_path=source, force=force)
     report = Report(subcommand=subcommand)
-    model = load_model(source, check=False)
-    payload = reusable_bytes(model)  # serialized once: the checks, then the first pass
+    model, file_bytes = load_model_with_bytes(source, check=False)
+    # the file's own bytes, else serialized once: the checks, then the first pass
+    payload = file_bytes if file_bytes is not None else reusable_bytes(model)
     size = check_model(model, source, strict=True, serialized=payload)
-    report.input_model = model_record(source, model)
+    report.input_model = model_record(source, model, file_bytes)
     stage = None
     if verify:
         dataset = load_data(
@@ -68,7 +69,7 @@ def transform_file(
         )
         with known_bytes(model, payload):
             stage = _input_stage(model, StageOutputs(list(dataset), session_config), report, source)
-    result, records = run_passes(
+    result, records, result_bytes = run_passes_with_bytes(
         model,
         passes,
         session_config=session_config,
@@ -93,6 +94,7 @@ def transform_file(
         force=force,
         external_data=external_data,
         provenance=Provenance.from_argv(passes=names),
+        payload=result_bytes,
     )
     report.output_model = model_record(target, result)
     return report.finish()

@@ -36,6 +36,32 @@ def test_save_then_load_round_trips_numbers(tmp_path, tiny_model):
     assert read_provenance(loaded)["version"]
 
 
+def test_save_with_known_bytes_writes_the_stamped_model(tmp_path, tiny_model):
+    """The provenance is appended to the model's known bytes, not serialized again: the
+    file must parse to exactly the stamped model, and a second stamp must replace the
+    first (no duplicated keys)."""
+    tiny_model.metadata_props.add(key="author", value="someone")
+    known = tiny_model.SerializeToString()
+    out = save_model(
+        tiny_model, tmp_path / "a.onnx", provenance=Provenance("optimodel a"), payload=known
+    )
+    written = onnx.load(str(out))
+    assert written == tiny_model  # the in-memory model was stamped the same way
+    assert [p.key for p in written.metadata_props].count("optimodel.command") == 1
+    assert [p.key for p in written.metadata_props][0] == "author"
+    again = save_model(
+        written,
+        tmp_path / "b.onnx",
+        provenance=Provenance("optimodel b"),
+        payload=written.SerializeToString(),
+    )
+    second = onnx.load(str(again))
+    assert read_provenance(second)["command"] == "optimodel b"
+    assert [p.key for p in second.metadata_props].count("optimodel.command") == 1
+    x = np.ones((1, 4), np.float32)
+    np.testing.assert_array_equal(run(out, x), run(again, x))
+
+
 def test_refuses_to_overwrite_input(tmp_path, tiny_model):
     src = tmp_path / "m.onnx"
     onnx.save(tiny_model, src)
