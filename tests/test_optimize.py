@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from html.parser import HTMLParser
 
+import onnx
 import pytest
 
 from optimodel.recipes import load_recipe, recipe_names
@@ -78,6 +79,9 @@ def test_every_shipped_recipe_runs_on_its_sample(cli, tmp_path, name):
     assert all(s.get("status", "ok") == "ok" for s in out["stages"])
     if data:
         assert out["accuracy"]["drop"] <= 1.0
+    if name == "fp16-cuda":  # CUDA's SkipLayerNormalization is fast: the recipe turns it on
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node}
+        assert {"SkipLayerNormalization", "Attention"} <= ops
 
 
 def test_default_recipe_on_digits_with_gate_and_reports(cli, tmp_path):
