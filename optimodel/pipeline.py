@@ -208,37 +208,17 @@ def _accept(
 
 
 def run_passes(
-    model: onnx.ModelProto,
-    passes: list[Pass],
-    *,
-    batches: list[Batch] | None = None,
-    session_config: SessionConfig | None = None,
-    pass_timeout: float | None = None,
-    source: str = "model",
-    on_pass: Callable[[PassRecord], None] | None = None,
-    stage: StageOutputs | None = None,
-    size: int | None = None,
-    payload: bytes | None = None,
+    model: onnx.ModelProto, passes: list[Pass], **options: Any
 ) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """Apply passes in order, verifying each against the stage before it.
+    """Apply passes in order, verifying each against the stage before it; `options` are
+    those of `run_passes_with_bytes`.
 
     `batches=None` skips the numeric comparison (`--no-verify`); the checker always runs.
     A `stage` whose input outputs are already set (see `transform_file`) is used as is.
     `size` is the input's size in bytes when the caller knows it (from its check), and
     `payload` its serialized bytes: each pass may reuse its input's bytes (`known_bytes`).
     """
-    result, records, _ = run_passes_with_bytes(
-        model,
-        passes,
-        batches=batches,
-        session_config=session_config,
-        pass_timeout=pass_timeout,
-        source=source,
-        on_pass=on_pass,
-        stage=stage,
-        size=size,
-        payload=payload,
-    )
+    result, records, _ = run_passes_with_bytes(model, passes, **options)
     return result, records
 
 

@@ -355,6 +355,39 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def ensure_order(graph: onnx.GraphProto) -> bool:
+    """Stable topological sort, only when a node reads a value produced after it; whether
+    it sorted."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    nodes = list(graph.node)
+    reads = [node_reads(n) for n in nodes]
+    produced = {o for n in nodes for o in n.output if o}
+    available = set(known)
+    for node, needs in zip(nodes, reads, strict=True):
+        if (needs & produced) - available:
+            break
+        available.update(node.output)
+    else:
+        return False
+    pending = list(range(len(nodes)))
+    ordered: list[onnx.NodeProto] = []
+    available = set(known)
+    while pending:
+        rest = []
+        for i in pending:
+            if (reads[i] & produced) <= available:
+                ordered.append(nodes[i])
+                available.update(nodes[i].output)
+            else:
+                rest.append(i)
+        if len(rest) == len(pending):
+            raise RuntimeError("fused graph has a cycle")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return True
+
+
 def all_names(model: onnx.ModelProto) -> set[str]:
     names: set[str] = set()
     for graph in iter_graphs(model.graph):

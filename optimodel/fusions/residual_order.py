@@ -16,6 +16,7 @@ from collections import Counter
 
 import onnx
 
+from optimodel.fusions import ensure_order
 from optimodel.graphs import STANDARD_DOMAINS
 
 
@@ -38,7 +39,7 @@ def bias_after_residual(model: onnx.ModelProto) -> int:
     producer = {o: n for n in graph.node for o in n.output}
     readers = Counter(i for n in graph.node for i in n.input)
     kept = {o.name for o in graph.output}
-    moved: dict[str, onnx.NodeProto] = {}  # outer Add's output -> the inner Add, now after
+    moved: set[str] = set()  # outputs of the inner Adds, which now add the residual
     for norm in graph.node:
         if norm.op_type != "LayerNormalization" or norm.domain not in STANDARD_DOMAINS:
             continue
@@ -58,26 +59,12 @@ def bias_after_residual(model: onnx.ModelProto) -> int:
             residual = outer.input[1 - side]
             inner.input[:] = [x, residual]
             outer.input[:] = [inner.output[0], bias]
-            moved[outer.output[0]] = inner
+            moved.add(inner.output[0])
             break
     if not moved:
         return 0
-    # the inner Add now reads the residual: it runs right before the outer one
-    inner_ids = {id(n) for n in moved.values()}
-    order: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) in inner_ids:
-            continue
-        if node.op_type == "Add" and node.output and node.output[0] in moved:
-            order.append(moved[node.output[0]])
-        order.append(node)
-    stale = {n.output[0] for n in moved.values()}  # its shape may now broadcast wider
-    infos = [v for v in graph.value_info if v.name not in stale]
-    copies = [onnx.NodeProto() for _ in order]
-    for copy, node in zip(copies, order, strict=True):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(copies)
+    infos = [v for v in graph.value_info if v.name not in moved]  # may broadcast wider now
     del graph.value_info[:]
     graph.value_info.extend(infos)
+    ensure_order(graph)  # the inner Add now reads the residual, maybe made after it
     return len(moved)

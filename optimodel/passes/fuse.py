@@ -32,6 +32,7 @@ from optimodel.fusions import (
     Pattern,
     Rewrite,
     all_names,
+    ensure_order,
     graph_patterns,
     node_patterns,
     node_reads,
@@ -264,39 +265,6 @@ def _import_domains(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _ensure_order(graph: onnx.GraphProto) -> bool:
-    """Stable topological sort, only when a node reads a value produced after it; whether
-    it sorted."""
-    known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    nodes = list(graph.node)
-    reads = [node_reads(n) for n in nodes]
-    produced = {o for n in nodes for o in n.output if o}
-    available = set(known)
-    for node, needs in zip(nodes, reads, strict=True):
-        if (needs & produced) - available:
-            break
-        available.update(node.output)
-    else:
-        return False
-    pending = list(range(len(nodes)))
-    ordered: list[onnx.NodeProto] = []
-    available = set(known)
-    while pending:
-        rest = []
-        for i in pending:
-            if (reads[i] & produced) <= available:
-                ordered.append(nodes[i])
-                available.update(nodes[i].output)
-            else:
-                rest.append(i)
-        if len(rest) == len(pending):
-            raise RuntimeError("fused graph has a cycle")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
-    return True
-
-
 class _Run:
     """State of one fuse run: the model being rewritten and what each pattern did."""
 
@@ -434,7 +402,7 @@ class FusePass(Pass):
             run.model = copy_model(model)
         run.rounds(int(self.options["max_rounds"]))
         if run.changed:
-            if _ensure_order(run.model.graph) | _import_domains(run.model):
+            if ensure_order(run.model.graph) | _import_domains(run.model):
                 run.payload = None
         runnable = {p.name for p in node_patterns() if target in p.targets}
         for gp in graph_patterns():
