@@ -96,6 +96,13 @@ def optimodel_fold_fuse_portable_tool(src: Path, out_dir: Path, feeds: list[Feed
 
 
 @preload(*_OPTIMODEL_IMPORTS)
+def optimodel_fold_fuse_cpu_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """fold + `fuse --target ort --enable conv-activation`: FusedConv stored, for the CPU."""
+    options = {"target": "ort", "enable": ["conv-activation"]}
+    return _optimodel_passes(src, out_dir, feeds, [("fold", {}), ("fuse", options)])
+
+
+@preload(*_OPTIMODEL_IMPORTS)
 def optimodel_fold_fuse_verified_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
     """fold + fuse (ort) with optimodel's verification after each pass (the CLI default)."""
     return _optimodel_passes(
@@ -175,6 +182,7 @@ OPTIMODEL_TOOLS: dict[str, ToolFn] = {
     "optimodel-fold": optimodel_fold_tool,
     "optimodel-fuse": optimodel_fold_fuse_tool,
     "optimodel-fuse-portable": optimodel_fold_fuse_portable_tool,
+    "optimodel-fuse-cpu": optimodel_fold_fuse_cpu_tool,
     "optimodel-fuse-verified": optimodel_fold_fuse_verified_tool,
     "optimodel-quant-dynamic": optimodel_quant_dynamic_tool,
     "optimodel-quant-static": optimodel_quant_static_tool,

@@ -211,11 +211,64 @@ def _conv_act(op: str, inputs_extra=(), shared: bool = False, **attrs):
 
 
 @pytest.mark.parametrize("op", ["Relu", "HardSigmoid"])
-def test_conv_activation_stays_standard_even_for_ort(op):
-    """No offline FusedConv: ORT's CPU provider fuses it at load, its CUDA kernel is slower."""
+def test_conv_activation_stays_standard_by_default(op):
+    """No offline FusedConv unless asked: ORT's CPU provider fuses it at load, its CUDA
+    kernel is slower (and refuses HardSigmoid)."""
     model = _conv_act(op, ())
     fused = _fuse(model, target="ort")
     assert _ops(fused.model) == {"Conv": 1, op: 1}
+    assert "conv-activation" in fused.stats["off_by_default"]
+
+
+CONV_ACTIVATIONS = [
+    ("Relu", (), {}),
+    ("Sigmoid", (), {}),
+    ("Tanh", (), {}),
+    ("LeakyRelu", (), {"alpha": 0.2}),
+    ("HardSigmoid", (), {"alpha": 1 / 6, "beta": 0.5}),
+    ("Clip", (_const("lo", np.float32(0.0)), _const("hi", np.float32(6.0))), {}),
+    ("Clip", (_const("lo", np.float32(-0.5)),), {}),  # no upper bound
+]
+
+
+@pytest.mark.parametrize(("op", "extra", "attrs"), CONV_ACTIVATIONS)
+def test_conv_activation_enabled_writes_fused_conv_with_the_same_outputs(op, extra, attrs):
+    model = _conv_act(op, extra, **attrs)
+    result = _fuse(model, target="ort", enable=["conv-activation"])
+    assert result.stats["fired"]["conv-activation"] == 1
+    assert _ops(result.model) == {"FusedConv": 1}
+    onnx.checker.check_model(result.model, full_check=True)
+    _same_outputs(model, result.model, {"x": _x(1, 3, 8, 8)})
+    again = _fuse(result.model, target="ort", enable=["conv-activation"])
+    assert not again.modified
+
+
+def test_conv_activation_declines_what_it_cannot_fuse():
+    shared = _fuse(_conv_act("Relu", (), shared=True), target="ort", enable=["conv-activation"])
+    assert "FusedConv" not in _ops(shared.model)
+    assert _reasons(shared, "conv-activation") == ["the Conv output has other readers"]
+    portable = _fuse(_conv_act("Relu", ()), target="portable", enable=["conv-activation"])
+    assert "FusedConv" not in _ops(portable.model)
+
+
+def test_shapes_are_inferred_through_fused_conv():
+    """A Reshape after a FusedConv still gets its constant shape (ONNX inference knows no
+    com.microsoft schema: FusedConv stands in as Conv)."""
+    weight = _const("W", _x(6, 3, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Shape", ["r"], ["s"], name="shape"),
+        helper.make_node("Reshape", ["r", "s"], ["y"], name="reshape"),
+    ]
+    x = helper.make_tensor_value_info("x", F, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", F, [1, 6, 8, 8])
+    model = _model(nodes, [x], [y], [weight])
+    fused = _fuse(model, target="ort", enable=["conv-activation"], skip=["reshape-shape"])
+    assert _ops(fused.model) == {"FusedConv": 1, "Shape": 1, "Reshape": 1}
+    again = _fuse(fused.model, target="ort")
+    assert again.stats["fired"]["reshape-shape"] == 1
+    _same_outputs(model, again.model, {"x": _x(1, 3, 8, 8)})
 
 
 def _fused_conv_model(op: str) -> onnx.ModelProto:
@@ -251,6 +304,20 @@ def test_fused_conv_expands_back_for_passes_that_read_conv(op):
     assert _ops(expanded) == {"Conv": 1, op: 1}
     onnx.checker.check_model(expanded, full_check=True)
     _same_outputs(fused, expanded, {"x": _x(1, 3, 8, 8)})
+
+
+def test_fp16_expands_fused_conv_first():
+    """FusedConv's CPU kernel is float32 only and its CUDA one runs Relu alone, so fp16
+    converts the standard Conv + activation instead."""
+    fused = _fused_conv_model("HardSigmoid")
+    result = get_pass("fp16").run(fused)
+    assert _ops(result.model) == {"Conv": 1, "HardSigmoid": 1}
+    assert result.stats["notes"][0] == "1 FusedConv -> Conv + activation"
+    assert _ops(fused) == {"FusedConv": 1}  # the input is left as it was
+    x = _x(1, 3, 8, 8)
+    assert result.model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    got = _run(result.model, {"x": x.astype(np.float16)})[0].astype(np.float32)
+    np.testing.assert_allclose(got, _run(fused, {"x": x})[0], atol=2e-2, rtol=2e-2)
 
 
 def test_quantize_reads_a_model_saved_by_onnxruntimes_optimizer(tmp_path):

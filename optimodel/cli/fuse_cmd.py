@@ -69,7 +69,9 @@ def fuse(
         typer.Option(
             "--enable",
             help="Turn on a pattern that is off by default: skip-layernorm (ONNX Runtime's "
-            "CPU kernel is slower than Add + LayerNormalization; faster on CUDA).",
+            "CPU kernel is slower than Add + LayerNormalization; faster on CUDA), "
+            "conv-activation (FusedConv: ONNX Runtime's CPU provider fuses it itself at "
+            "load; its CUDA kernel runs Relu only). Repeatable.",
             show_default=False,
         ),
     ] = None,

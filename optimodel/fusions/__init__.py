@@ -310,10 +310,14 @@ def graph_patterns() -> list[GraphPattern]:
 
 # Patterns `--enable` turns on, with why they are off: ONNX Runtime's CPU
 # SkipLayerNormalization kernel is 6-8x slower than Add + LayerNormalization (see
-# `residual_order`); CUDA's is fast.
+# `residual_order`); CUDA's is fast. FusedConv is the reverse: ONNX Runtime's CPU
+# provider writes it itself at load, its CUDA kernel refuses most activations and ran
+# slower with Relu (see `conv_activation`).
 OFF_BY_DEFAULT: dict[str, str] = {
     "skip-layernorm": "ONNX Runtime's CPU kernel is slower than Add + LayerNormalization; "
     "--enable skip-layernorm for CUDA",
+    "conv-activation": "ONNX Runtime's CPU provider fuses Conv + activation itself at load "
+    "and its CUDA FusedConv runs Relu only; --enable conv-activation stores it for the CPU",
 }
 
 
@@ -407,13 +411,23 @@ SMALL_CONSTANT = 64  # elements; larger initializers reach shape inference as ty
 
 def shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with large initializers turned into typed graph inputs, for shape
-    inference: their values never decide a shape, and copying them is most of its cost."""
+    inference: their values never decide a shape, and copying them is most of its cost.
+
+    FusedConv stands in as the Conv it computes (same output shape): ONNX shape inference
+    knows no com.microsoft schema and would lose every shape after it."""
     light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
     graph = light.graph
     graph.name = model.graph.name
     graph.node.extend(model.graph.node)
+    for node in graph.node:
+        if node.op_type == "FusedConv" and node.domain == "com.microsoft":
+            node.op_type, node.domain = "Conv", ""
+            del node.input[3:]
+            kept = [a for a in node.attribute if not a.name.startswith("activation")]
+            del node.attribute[:]
+            node.attribute.extend(kept)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)

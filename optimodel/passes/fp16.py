@@ -18,6 +18,9 @@ from typing import Any
 
 import onnx
 
+from optimodel.fusions.fused_conv import expand_fused_conv
+from optimodel.graphs import copy_model
+from optimodel.modelio import iter_graphs
 from optimodel.passes.base import Pass, PassResult, register_pass
 
 VERIFY_FEEDS = 2
@@ -90,11 +93,18 @@ class Fp16Pass(Pass):
             max_retries=int(opts["max_retries"]),
             refine=bool(opts["refine"]),
         )
-        feeds, description = self._feeds(model) if opts["fallback"] else (None, "not used")
-        result = convert_mixed(model, feeds, options)
+        source, expanded = model, 0
+        if any(n.op_type == "FusedConv" for g in iter_graphs(model.graph) for n in g.node):
+            # FusedConv's CPU kernel is float32 only and its CUDA one runs Relu alone.
+            source = copy_model(model)
+            expanded = expand_fused_conv(source)
+        feeds, description = self._feeds(source) if opts["fallback"] else (None, "not used")
+        result = convert_mixed(source, feeds, options)
         stats: dict[str, Any] = dict(result.stats)
         stats["calibration_data"] = description
         stats["notes"] = list(result.notes)
+        if expanded:
+            stats["notes"].insert(0, f"{expanded} FusedConv -> Conv + activation")
         stats["kept"] = result.kept[:200]
         if opts["verify"]:
             bf16 = bool(opts["bf16"])
@@ -105,7 +115,7 @@ class Fp16Pass(Pass):
             {"pattern": k["op"], "node": k["node"], "reason": f"{k['category']}: {k['reason']}"}
             for k in result.kept
         ]
-        modified = bool(stats["nodes_converted"] or stats["weights_converted"])
+        modified = bool(stats["nodes_converted"] or stats["weights_converted"] or expanded)
         return PassResult(result.model, modified, stats, declined)
 
     def _verify(self, model: onnx.ModelProto, candidate: onnx.ModelProto, emulated: bool) -> dict:
