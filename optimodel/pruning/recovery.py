@@ -370,7 +370,11 @@ def _fit(
     """Re-fit one layer: its weights, the mask (with `reselect`) and the damping.
 
     With `reselect` the zeros are the OBS-saliency choice (same count as magnitude's; it
-    re-fit closer on every layer of PP-OCR det/rec and MiniLM we measured). The damping
+    re-fit closer on every layer of PP-OCR det/rec and MiniLM we measured), spread evenly
+    over the output columns, as Wanda compares weights per output: held-out cosine
+    against the dense model, layer-wide vs per output, PP-OCR det 0.9877 vs 0.9899, rec
+    0.9888 vs 0.9892, MiniLM embeddings 0.864 vs 0.873 (8 calibration sentences) and
+    0.925 vs 0.930 (102). The damping
     is the candidate whose fit on the even feeds best predicts the odd ones; the final
     fit uses all feeds.
     """
@@ -385,7 +389,8 @@ def _fit(
             support[-1, :] = True
         mask = "magnitude"
         if reselect and dense.shape == current[:k].shape:
-            keep = saliency_support(h, dense, int(np.count_nonzero(current[:k] == 0)))
+            zeros = int(np.count_nonzero(current[:k] == 0))
+            keep = saliency_support(h, dense, zeros, per_column=True)
             current = current.copy()
             current[:k] = np.where(keep, dense, 0.0)
             support[:k] = keep
@@ -478,7 +483,7 @@ def refit(
             )
     summary = {
         "method": "layer-wise damped least squares on calibration activations (+ bias)"
-        + ("; zeros chosen by OBS saliency" if reselect else "")
+        + ("; zeros chosen by OBS saliency, per output" if reselect else "")
         + "; damping per layer on held-out feeds",
         "feeds": len(batches),
         "layers": rows_info,
