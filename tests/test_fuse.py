@@ -249,6 +249,9 @@ def test_conv_activation_declines_what_it_cannot_fuse():
     assert _reasons(shared, "conv-activation") == ["the Conv output has other readers"]
     portable = _fuse(_conv_act("Relu", ()), target="portable", enable=["conv-activation"])
     assert "FusedConv" not in _ops(portable.model)
+    assert portable.stats["warnings"] == [
+        "--enable conv-activation: it writes com.microsoft ops, so it runs with --target ort only"
+    ]
 
 
 def test_shapes_are_inferred_through_fused_conv():

@@ -426,6 +426,11 @@ class FusePass(Pass):
         stats.update(run.info)
         present = {n.op_type for n in run.model.graph.node}
         warnings = self._warnings(groups, enabled, run.fired, declined, target, present)
+        warnings += [
+            f"--enable {n}: it writes com.microsoft ops, so it runs with --target ort only"
+            for n in self.options["enable"]
+            if n not in runnable
+        ]
         if warnings:
             stats["warnings"] = warnings
         return PassResult(run.model, run.changed, stats, declined, payload=run.payload)
