@@ -90,6 +90,28 @@ def test_unstructured_layer_scope_hits_the_request_in_every_layer(name, sparsity
     assert size["after"] < size["before"]
 
 
+def test_compressed_size_in_pieces_matches_one_deflate_stream():
+    """Deflating a large model in pieces on every core reports what one stream gives."""
+    import zlib
+
+    from optimodel.pruning.common import DEFLATE_PIECE, compressed_size
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal(3 * DEFLATE_PIECE // 4).astype(np.float32)
+    weights[rng.random(weights.size) < 0.5] = 0.0  # half zeros, as pruning leaves them
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [weights.size])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = onnx.helper.make_model(graph)
+    one_stream = len(zlib.compress(model.SerializeToString(), 6))
+    assert model.ByteSize() > 2 * DEFLATE_PIECE
+    assert abs(compressed_size(model) - one_stream) <= 0.001 * one_stream
+
+
 @pytest.mark.parametrize("name", PRUNABLE)
 def test_unstructured_global_scope_hits_the_request_overall_and_wipes_out_no_layer(name):
     model = _load(name)
