@@ -374,9 +374,8 @@ def _fit(
     over the output columns, as Wanda compares weights per output: held-out cosine
     against the dense model, layer-wide vs per output, PP-OCR det 0.9877 vs 0.9899, rec
     0.9888 vs 0.9892, MiniLM embeddings 0.864 vs 0.873 (8 calibration sentences) and
-    0.925 vs 0.930 (102). The damping
-    is the candidate whose fit on the even feeds best predicts the odd ones; the final
-    fit uses all feeds.
+    0.925 vs 0.930 (102). The damping is the candidate whose fit on the even feeds best
+    predicts the odd ones; the final fit uses all feeds.
     """
     (ha, ga, yya, na), (hb, gb, yyb, nb) = halves
     h, g = ha + hb, ga + gb
