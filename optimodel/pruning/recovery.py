@@ -272,7 +272,8 @@ def _solve(
     for j in range(g.shape[1]):
         keep = np.flatnonzero(support[:, j])
         if keep.size:
-            out[keep, j] = np.linalg.solve(reg[np.ix_(keep, keep)], rhs[keep, j])
+            sub = np.take(np.take(reg, keep, axis=0), keep, axis=1)  # faster than np.ix_
+            out[keep, j] = np.linalg.solve(sub, rhs[keep, j])
     return out
 
 
@@ -340,8 +341,23 @@ def _statistics(
     halves: list[list[Any]] = [
         [np.zeros((size, size)), np.zeros((size, m_new.shape[1])), 0.0, 0] for _ in range(2)
     ]
+    # Rows wait in a buffer until there are MAX_ROWS_PER_FEED of them: one product over
+    # many short feeds (sentences) costs less than a (size x size) update per feed.
+    pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
+
+    def flush(side: int) -> None:
+        if not pending[side]:
+            return
+        rn = np.vstack([r for r, _ in pending[side]])
+        y = np.vstack([t for _, t in pending[side]])
+        pending[side].clear()
+        acc = halves[side]
+        acc[0] += rn.T @ rn
+        acc[1] += rn.T @ y
+        acc[2] += float(np.sum(y * y))
+        acc[3] += rn.shape[0]
+
     for index, ((xo,), (xn,)) in enumerate(zip(x_orig, x_new, strict=True)):
-        acc = halves[index % 2]
         ro = _rows(before, xo.astype(np.float64))
         rn = _rows(after, xn.astype(np.float64))
         if ro.shape[0] > MAX_ROWS_PER_FEED:
@@ -352,10 +368,12 @@ def _statistics(
             y = y[:, out_keep]
         if use_bias:
             rn = np.hstack([rn, np.ones((rn.shape[0], 1))])
-        acc[0] += rn.T @ rn
-        acc[1] += rn.T @ y
-        acc[2] += float(np.sum(y * y))
-        acc[3] += rn.shape[0]
+        side = index % 2
+        pending[side].append((rn, y))
+        if sum(r.shape[0] for r, _ in pending[side]) >= MAX_ROWS_PER_FEED:
+            flush(side)
+    flush(0)
+    flush(1)
     return [(a[0], a[1], a[2], a[3]) for a in halves]
 
 
