@@ -12,6 +12,7 @@ import onnx
 from optimodel.modelio import iter_graphs
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimodel.graphs import STANDARD_DOMAINS, attr, static_shape
+from optimodel.graphs import MS_DOMAIN, STANDARD_DOMAINS, attr, static_shape
 from optimodel.modelio import iter_graphs, tensor_array
 
 __all__ = [
@@ -422,7 +422,7 @@ def shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.name = model.graph.name
     graph.node.extend(model.graph.node)
     for node in graph.node:
-        if node.op_type == "FusedConv" and node.domain == "com.microsoft":
+        if node.op_type == "FusedConv" and node.domain == MS_DOMAIN:
             node.op_type, node.domain = "Conv", ""
             del node.input[3:]
             kept = [a for a in node.attribute if not a.name.startswith("activation")]

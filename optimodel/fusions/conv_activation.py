@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 
 from optimodel.fusions import GraphView, Pattern, Rewrite, register
-from optimodel.fusions.fused_conv import MS_DOMAIN
-from optimodel.graphs import attr
+from optimodel.graphs import MS_DOMAIN, attr
 
 # activation -> its attributes in the order FusedConv's activation_params holds them,
 # with ONNX's defaults.

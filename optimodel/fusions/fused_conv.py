@@ -15,9 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from optimodel.graphs import attr
-
-MS_DOMAIN = "com.microsoft"
+from optimodel.graphs import MS_DOMAIN, attr
 
 
 def expand_fused_conv(model: onnx.ModelProto) -> int:

@@ -15,9 +15,9 @@ import math
 import onnx
 
 from optimodel.fusions import FLOAT_TYPES, GraphView, Pattern, Rewrite, close, other_input, register
+from optimodel.graphs import MS_DOMAIN
 
 GELU_OPSET = 20
-MS_DOMAIN = "com.microsoft"
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 

@@ -29,10 +29,9 @@ from optimodel.fusions import GraphOutcome, GraphPattern, GraphView, register, s
 from optimodel.fusions.attention_mask import MaskRewrite, normalize_attention_masks
 from optimodel.fusions.layernorm import LAYERNORM_OPSET, expand_layernorm
 from optimodel.fusions.residual_order import bias_after_residual
-from optimodel.graphs import STANDARD_DOMAINS, copy_model, value_types
+from optimodel.graphs import MS_DOMAIN, STANDARD_DOMAINS, copy_model, value_types
 from optimodel.modelio import has_external_tensors, tensor_array
 
-MS_DOMAIN = "com.microsoft"
 # Pattern name -> the ONNX Runtime ops that hold one such fusion each.
 FUSED_OPS: dict[str, tuple[str, ...]] = {
     "attention": ("Attention", "MultiHeadAttention"),

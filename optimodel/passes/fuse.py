@@ -39,12 +39,18 @@ from optimodel.fusions import (
     pattern_names,
     shapes_only,
 )
-from optimodel.graphs import STANDARD_DOMAINS, copy_model, has_subgraph, rename_uses, value_types
+from optimodel.graphs import (
+    MS_DOMAIN,
+    STANDARD_DOMAINS,
+    copy_model,
+    has_subgraph,
+    rename_uses,
+    value_types,
+)
 from optimodel.modelio import iter_tensors
 from optimodel.passes.base import Pass, PassResult, register_pass
 
 PRESETS = ("auto", "cnn", "transformer")
-MS_DOMAIN = "com.microsoft"
 MAX_ROUNDS = 8
 # Warned about when a transformer graph ends up without any of their fused ops.
 WATCHED = {

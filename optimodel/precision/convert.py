@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from optimodel.graphs import STANDARD_DOMAINS, copy_model, has_subgraph
+from optimodel.graphs import MS_DOMAIN, STANDARD_DOMAINS, copy_model, has_subgraph
 from optimodel.modelio import iter_graphs, tensor_array
 from optimodel.precision.formats import LowFormat
 
@@ -62,7 +62,6 @@ CONTRIB_T_OPS: dict[str, frozenset[int]] = {
     "BiasAdd": frozenset(),
     "FusedMatMul": frozenset(),
 }
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass

@@ -344,6 +344,7 @@ def _statistics(
     # Rows wait in a buffer until there are MAX_ROWS_PER_FEED of them: one product over
     # many short feeds (sentences) costs less than a (size x size) update per feed.
     pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
+    waiting = [0, 0]  # rows in each buffer
 
     def flush(side: int) -> None:
         if not pending[side]:
@@ -351,6 +352,7 @@ def _statistics(
         rn = np.vstack([r for r, _ in pending[side]])
         y = np.vstack([t for _, t in pending[side]])
         pending[side].clear()
+        waiting[side] = 0
         acc = halves[side]
         acc[0] += rn.T @ rn
         acc[1] += rn.T @ y
@@ -370,7 +372,8 @@ def _statistics(
             rn = np.hstack([rn, np.ones((rn.shape[0], 1))])
         side = index % 2
         pending[side].append((rn, y))
-        if sum(r.shape[0] for r, _ in pending[side]) >= MAX_ROWS_PER_FEED:
+        waiting[side] += rn.shape[0]
+        if waiting[side] >= MAX_ROWS_PER_FEED:
             flush(side)
     flush(0)
     flush(1)
