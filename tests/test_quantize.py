@@ -764,6 +764,90 @@ def test_fidelity_budget_without_labels(tmp_path):
     assert budget["drop_full_int8"] > 0.5 >= budget["drop"]
 
 
+def _rare_outlier_mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An MLP calibrated on data with one sample 200x too large, evaluated on typical ones.
+
+    Min/max calibration stretches every activation range to that sample, so int8
+    activations round typical inputs to a few levels; the weights are ordinary, and
+    rounding them per channel costs almost nothing.
+    """
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        "rare_outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [
+            numpy_helper.from_array((rng.normal(size=(64, 128)) / 8).astype(np.float32), "w1"),
+            numpy_helper.from_array((rng.normal(size=(128, 16)) / 11).astype(np.float32), "w2"),
+        ],
+    )
+    onnx.save(_opset17(graph), str(tmp_path / "mlp.onnx"))
+    calib = rng.normal(size=(33, 64)).astype(np.float32)
+    calib[0] *= 200
+    np.savez(tmp_path / "calib.npz", x=calib)
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(64, 64)).astype(np.float32))
+    return tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "eval.npz"
+
+
+@pytest.mark.parametrize("fallback", ["int8-weights", "float"])
+def test_budget_fallback_keeps_int8_weights_unless_asked(qcli, tmp_path, fallback):
+    src, calib, held_out = _rare_outlier_mlp(tmp_path)
+    out = tmp_path / f"{fallback}.onnx"
+    args = ["quantize", src, "-o", out, "--mode", "static", "--calib-data", calib,
+            "--calib-method", "minmax", "--accuracy-budget", "1",
+            "--eval-data", held_out]  # fmt: skip
+    if fallback == "float":
+        args += ["--fallback", "float"]
+    shown = qcli(*args)
+    assert shown.exit_code == 0, shown.output
+    if fallback == "int8-weights":
+        assert "2 with int8 weights" in shown.stdout
+    result = qcli(*args, "--json", "--force")
+    stats = json.loads(result.stdout)["passes"][0]["stats"]
+    budget = stats["accuracy_budget"]
+    print(
+        f"\n[budget] rare calibration outlier, --fallback {fallback}: drop "
+        f"{budget['drop_full_int8']:.2f} -> {budget['drop']:.4f} with {budget['kept_float']} "
+        f"out of int8; layer weight bytes {stats['weight_bytes_ratio']:.3f}x"
+    )
+    assert budget["drop_full_int8"] > 10 and budget["fits"] and budget["drop"] <= 1
+    assert budget["fallback"] == fallback
+    assert {"fc1", "fc2"} <= set(budget["kept_float"])
+    session = _session(onnx.load(str(out)))
+    with np.load(held_out) as data:
+        x = data["x"]
+    reference = _session(onnx.load(str(src))).run(None, {"x": x})[0]
+    assert _cosine(reference, session.run(None, {"x": x})[0]) >= 0.99
+    if fallback == "int8-weights":
+        assert budget["int8_weight_fallback"] == ["fc1", "fc2"]
+        assert stats["quantized_ops"] == {"weight-only MatMul": 2}
+        assert stats["weight_bytes_ratio"] < 0.3  # the size of full int8
+    else:
+        assert budget["int8_weight_fallback"] == [] and stats["weight_bytes_ratio"] == 1.0
+
+
+def test_budget_falls_back_to_float_weights_when_int8_weights_never_fit(tmp_path):
+    """The outlier digits CNN: rounding block2's weights per channel zeroes the inputs
+    that carry the scaled-up channel, so only float weights fit; the same ranking is
+    searched again and the trials of both searches are reported."""
+    src = _outlier_digits(tmp_path)
+    calib, held_out = _split_digits(tmp_path)
+    result = get_pass(
+        "quantize", mode="static", calib_data=str(calib), accuracy_budget=1.0,
+        eval_data=str(held_out),
+    ).run(onnx.load(str(src)))  # fmt: skip
+    budget = result.stats["accuracy_budget"]
+    tried = [(t["fallback"], t["kept_float"], t["fits"]) for t in budget["trials"]]
+    assert budget["fits"] and budget["fallback"] == "float", tried
+    assert any(how == "int8-weights" and not fits for how, _, fits in tried)
+    assert len({(how, count) for how, count, _ in tried}) == len(tried)  # none measured twice
+
+
 def test_impossible_budget_exits_3_and_writes_nothing(qcli, tmp_path):
     src = _outlier_digits(tmp_path)
     calib, held_out = _split_digits(tmp_path)
@@ -791,6 +875,12 @@ def test_impossible_budget_exits_3_and_writes_nothing(qcli, tmp_path):
         ({"mode": "weight-only", "accuracy_budget": 1.0}, "applies to --mode dynamic / static"),
         ({"mode": "dynamic", "eval_data": "x.npz"}, "need --accuracy-budget"),
         ({"mode": "dynamic", "accuracy_budget": -1.0, "eval_data": "x.npz"}, ">= 0"),
+        ({"mode": "dynamic", "fallback": "float"}, "needs it"),
+        ({"mode": "weight-only", "fallback": "float"}, "applies to --mode dynamic / static"),
+        (
+            {"mode": "dynamic", "accuracy_budget": 1.0, "eval_data": "x.npz", "fallback": "fp16"},
+            "choose from int8-weights, float",
+        ),
     ],
 )
 def test_bad_budget_options_are_usage_errors(options, message):

@@ -162,6 +162,15 @@ def quantize(
         int | None,
         _opt("--max-trials", help="Quantize-and-measure trials for --accuracy-budget (12)."),
     ] = None,
+    fallback: Annotated[
+        str | None,
+        _opt(
+            "--fallback",
+            help="What --accuracy-budget does with a node it keeps out of int8: "
+            "int8-weights (runs in float, weights stay int8 per channel: same size) or "
+            "float (weights too) [default: int8-weights].",
+        ),
+    ] = None,
     keep_best: Annotated[
         bool,
         typer.Option(
@@ -237,6 +246,7 @@ def quantize(
         "eval_samples": eval_samples,
         "max_trials": max_trials,
         "keep_best": keep_best or None,
+        "fallback": fallback,
     }
     try:
         given.update(if_slower=if_slower, max_latency_ratio=max_latency_ratio)
@@ -391,6 +401,7 @@ def _render_budget(budget: dict[str, Any]) -> None:
     """Drop before and after, the nodes kept in float, and every trial with its latency."""
     unit = budget["unit"]
     kept = budget["kept_float"]
+    int8_weights = budget.get("int8_weight_fallback") or []
     cost = budget.get("latency_cost_ms")
     console.print(
         escape(
@@ -398,6 +409,7 @@ def _render_budget(budget: dict[str, Any]) -> None:
             f"{budget['drop_full_int8']:.3f}, the result drops {budget['drop']:.3f} with "
             f"{len(kept)} node(s) in float"
             + (f" ({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})" if kept else "")
+            + (f", {len(int8_weights)} with int8 weights" if int8_weights else "")
             + (
                 f"; p50 {budget['p50_ms_full_int8']:.3f} -> {budget['p50_ms']:.3f} ms at 1 "
                 f"thread ({cost:+.3f} ms)"

@@ -17,8 +17,11 @@ lines are collected into the stats instead of printed.
 `accuracy_budget` (dynamic and static) with `eval_data`: quantize fully, measure the drop
 against the float model, and when it is over budget keep the most sensitive nodes in float
 until it fits (`optimodel.quant.budget`: top-1 points with labels, (1 - cosine) x 100
-without). No fit raises GateFailed (exit 3) unless `keep_best`, which returns the best
-candidate with `stats["accuracy_budget"]["fits"]` False for the caller to write and fail.
+without). A kept node runs in float with its weights still stored in int8 (same file size,
+`optimodel.quant.weight_fallback`); only when no such configuration fits are they kept in
+float too, or at once with `fallback="float"`. No fit raises GateFailed (exit 3) unless
+`keep_best`, which returns the best candidate with `stats["accuracy_budget"]["fits"]`
+False for the caller to write and fail.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import io
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ from optimodel.quant.outputs import float_matmul_outputs, float_outputs
 from optimodel.quant.presets import PRESETS, preset_nodes, small_lookup_tables
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
 from optimodel.quant.targets import TARGETS, check_target
+from optimodel.quant.weight_fallback import store_weights_int8
 
 MODES = ("dynamic", "static", "weight-only")
 # contrib ops from fusion (Attention, SkipLayerNorm) carry no inferred output type;
@@ -109,6 +113,7 @@ MODE_DEFAULTS: dict[str, Any] = {
     "block_size": 32,
     "symmetric_weights": True,
     "keep_head": True,
+    "fallback": "int8-weights",
 }
 # Options that only mean something in some modes; setting one for another mode is refused.
 MODE_OPTIONS = {
@@ -127,7 +132,10 @@ MODE_OPTIONS = {
     "keep_head": ("weight-only",),
     "accuracy_level": ("weight-only",),
     "accuracy_budget": ("dynamic", "static"),
+    "fallback": ("dynamic", "static"),
 }
+# How a node the accuracy budget keeps out of int8 is written (quant/weight_fallback.py).
+FALLBACKS = ("int8-weights", "float")
 
 
 @contextlib.contextmanager
@@ -258,6 +266,7 @@ class QuantizePass(Pass):
         "eval_samples": None,
         "max_trials": None,
         "keep_best": False,
+        "fallback": None,  # what the budget keeps out of int8: FALLBACKS
     }
 
     def __init__(self, **options: Any) -> None:
@@ -283,6 +292,8 @@ class QuantizePass(Pass):
                     f"--{key.replace('_', '-')} applies to --mode {' / '.join(modes)}, "
                     f"not --mode {mode}"
                 )
+        if o["fallback"] is not None and o["accuracy_budget"] is None:
+            raise UsageError("--fallback says how --accuracy-budget keeps nodes; it needs it")
         for key, value in MODE_DEFAULTS.items():
             if o[key] is None:
                 o[key] = value
@@ -299,6 +310,7 @@ class QuantizePass(Pass):
             ("format", FORMATS),
             ("calib_method", CALIB_METHODS),
             ("weight_type", WEIGHT_TYPES),
+            ("fallback", FALLBACKS),
         ):
             if o[key] not in choices:
                 flag = key.replace("_", "-")
@@ -486,11 +498,16 @@ class QuantizePass(Pass):
         details_of: dict[int, dict] = {}
         user_excluded = list(self._excluded)
 
-        def quantize(kept: list[str]) -> onnx.ModelProto:
-            result, details = self._quantize(work, user_excluded + kept, warnings, log)
-            self._check_output(result)
-            details_of[id(result)] = details
-            return result
+        def quantizer(fallback: str) -> Callable[[list[str]], onnx.ModelProto]:
+            def quantize(kept: list[str]) -> onnx.ModelProto:
+                result, details = self._quantize(work, user_excluded + kept, warnings, log)
+                if kept and fallback == "int8-weights":
+                    details["int8_weight_fallback"] = store_weights_int8(result, kept)
+                self._check_output(result)
+                details_of[id(result)] = details
+                return result
+
+            return quantize
 
         def rank(full: onnx.ModelProto) -> list[dict[str, Any]]:
             candidates = [n for n in search.quantized_nodes(work, full) if n not in user_excluded]
@@ -504,21 +521,32 @@ class QuantizePass(Pass):
 
         with tempfile.TemporaryDirectory(prefix="optimodel-budget-") as tmp:
             probe = search.DropProbe(model, dataset, tmp)
-            found = search.search(
-                budget=float(o["accuracy_budget"]),
-                quantize=quantize,
-                measure=probe.measure,
-                latency=lambda m: search.latency_p50_ms(m, first_feed),
-                rank=rank,
-                max_trials=int(o["max_trials"] or search.DEFAULT_MAX_TRIALS),
-                metric=probe.metric,
-                unit=probe.unit,
-                baseline=probe.baseline,
-            )
+            found = None
+            # int8 weights first (no bigger a file); when rounding the kept layers'
+            # weights is itself too much, the same ranking again with them in float
+            for fallback in FALLBACKS[FALLBACKS.index(o["fallback"]) :]:
+                found = search.search(
+                    budget=float(o["accuracy_budget"]),
+                    quantize=quantizer(fallback),
+                    measure=probe.measure,
+                    latency=lambda m: search.latency_p50_ms(m, first_feed),
+                    rank=rank,
+                    max_trials=int(o["max_trials"] or search.DEFAULT_MAX_TRIALS),
+                    metric=probe.metric,
+                    unit=probe.unit,
+                    baseline=probe.baseline,
+                    fallback=fallback,
+                    previous=found,
+                )
+                if found.fits or not found.ranking:
+                    break
+            assert found is not None
         summary = found.to_dict()
         summary["eval_data"] = dataset.description
         best = found.best.model
         assert best is not None
+        summary["fallback"] = found.best.fallback
+        summary["int8_weight_fallback"] = details_of[id(best)].get("int8_weight_fallback", [])
         if not found.fits:
             kept = len(found.best.kept_float)
             message = (

@@ -9,6 +9,9 @@
 3. Confirm with real measurements: quantize with the top 1, 2, 4, ... ranked nodes kept in
    float until one fits, then bisect between the last miss and the first fit for the
    fewest nodes that fit (the drop is assumed to shrink as more nodes stay float).
+   The caller decides how a kept node is written: the pass first keeps its weights in
+   int8 (`optimodel.quant.weight_fallback`), and only when that never fits searches the
+   same ranking again (`previous`) with the weights in float as well.
 
 Every tried configuration is quantized, evaluated and timed (p50 at one thread), so the
 report shows what each fallback costs. The best candidate is kept: the fitting one with
@@ -224,6 +227,7 @@ class Trial:
     fits: bool
     seconds: float
     model: onnx.ModelProto | None = field(default=None, repr=False)
+    fallback: str = "float"  # how the kept nodes were written (quant/weight_fallback.py)
 
     def to_dict(self, full_p50: float | None) -> dict[str, Any]:
         cost = (
@@ -239,6 +243,7 @@ class Trial:
             "p50_ms": self.p50_ms,
             "latency_cost_ms": cost,
             "fits": self.fits,
+            "fallback": self.fallback,
             "seconds": round(self.seconds, 3),
         }
 
@@ -292,24 +297,43 @@ def search(
     metric: str = "top1",
     unit: str = "top-1 points",
     baseline: float | None = None,
+    fallback: str = "float",
+    previous: BudgetResult | None = None,
 ) -> BudgetResult:
-    """Full int8 first; over budget, fall back the ranked nodes in growing numbers."""
-    trials: list[Trial] = []
+    """Full int8 first; over budget, fall back the ranked nodes in growing numbers.
+
+    With `previous` (a search that found no fit with another `fallback`), its full-int8
+    trial and ranking are reused, its trials kept, and `max_trials` counts new ones."""
+    trials: list[Trial] = list(previous.trials) if previous else []
+    first = len(trials)
     tried: dict[int, Trial] = {}
 
+    def budget_left() -> bool:
+        return len(trials) - first < max_trials
+
+    measured: dict[frozenset[str], Trial] = {}
+
     def trial(kept: list[str]) -> Trial:
+        key = frozenset(kept)  # ranked units can overlap: two counts, one node set
+        if key in measured:
+            return measured[key]
         start = time.perf_counter()
         model = quantize(kept)
         drop, value = measure(model)
+        how = fallback if kept else "float"
         found = Trial(kept, drop, value, latency(model), drop <= budget,
-                      time.perf_counter() - start, model)  # fmt: skip
+                      time.perf_counter() - start, model, how)  # fmt: skip
         trials.append(found)
+        measured[key] = found
         return found
 
-    full = trial([])
-    ranking: list[dict[str, Any]] = []
-    if not full.fits and len(trials) < max_trials:
-        ranking = rank(full.model)  # type: ignore[arg-type]
+    if previous is not None:
+        full, ranking = previous.trials[0], previous.ranking
+    else:
+        full = trial([])
+        ranking = []
+        if not full.fits and budget_left():
+            ranking = rank(full.model)  # type: ignore[arg-type]
     units = [list(r["nodes"]) for r in ranking]
 
     def nodes_of(count: int) -> list[str]:
@@ -319,7 +343,7 @@ def search(
     tried[0] = full
     miss, hit = 0, None
     k = 1
-    while not full.fits and order and len(trials) < max_trials and hit is None:
+    while not full.fits and order and budget_left() and hit is None:
         k = min(k, len(order))
         tried[k] = trial(nodes_of(k))
         if tried[k].fits:
@@ -329,7 +353,7 @@ def search(
             if k == len(order):
                 break
             k *= 2
-    while hit is not None and hit - miss > 1 and len(trials) < max_trials:
+    while hit is not None and hit - miss > 1 and budget_left():
         mid = (hit + miss) // 2
         tried[mid] = trial(nodes_of(mid))
         if tried[mid].fits:
