@@ -419,11 +419,13 @@ def _render_budget(budget: dict[str, Any]) -> None:
         )
     )
     table = Table(title="Accuracy-budget trials")
-    for column in ("float nodes", "drop", "p50 ms (1 thread)", "cost ms", "fits"):
+    for column in ("float nodes", "their weights", "drop", "p50 ms (1 thread)", "cost ms", "fits"):
         table.add_column(column)
     for trial in budget["trials"]:
+        weights = "int8" if trial.get("fallback") == "int8-weights" else "float"
         table.add_row(
             str(trial["kept_float"]),
+            weights if trial["kept_float"] else "-",
             f"{trial['drop']:.3f}",
             "-" if trial["p50_ms"] is None else f"{trial['p50_ms']:.4f}",
             "-" if trial["latency_cost_ms"] is None else f"{trial['latency_cost_ms']:+.4f}",
