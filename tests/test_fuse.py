@@ -1150,3 +1150,63 @@ def test_dynamo_mask_read_another_way_is_left_alone_with_a_reason():
     reason = _reasons(result, "attention")[0]
     assert "failed to match mask path" in reason and "mask[batch, key]" in reason
     assert _ops(result.model)["GatherND"] == 1
+
+
+# -- hardswish -------------------------------------------------------------------------------
+
+HARDSWISH = """<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[N, 8, 5, 5] x) => (float[N, 8, 5, 5] y{extra_out})
+<float three = {{{three}}}, float zero = {{0.0}}, float six = {{{six}}},
+ float sixth = {{0.1666667}}>
+{{
+    a = Add({add_args})
+    c = {clip}
+{tail}
+}}"""
+TAILS = {
+    "div-after-mul": "    m = Mul(x, c)\n    y = Div(m, six)",
+    "mul-by-sixth": "    m = Mul(c, x)\n    y = Mul(m, sixth)",
+    "div-first": "    d = Div(c, six)\n    y = Mul(x, d)",
+}
+
+
+def _hardswish(form: str, opset: int, six: float = 6.0, three: float = 3.0, extra_out=""):
+    clip = "Clip <min = 0.0, max = 6.0> (a)" if opset < 11 else "Clip(a, zero, six)"
+    text = HARDSWISH.format(
+        opset=opset, three=three, six=six, clip=clip, tail=TAILS[form],
+        add_args="three, x" if form == "mul-by-sixth" else "x, three",
+        extra_out=", float[N, 8, 5, 5] a" if extra_out else "",
+    )  # fmt: skip
+    return parse_model(text)
+
+
+@pytest.mark.parametrize("form", sorted(TAILS))
+@pytest.mark.parametrize(
+    ("opset", "expected"),
+    [
+        (10, {"HardSigmoid": 1, "Mul": 1}),
+        (13, {"HardSigmoid": 1, "Mul": 1}),
+        (14, {"HardSwish": 1}),
+    ],
+)
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_hardswish_chain_becomes_one_op(form, opset, expected, target):
+    model = _hardswish(form, opset)
+    result = _fuse(model, target=target)
+    assert _ops(result.model) == Counter(expected), _ops(result.model)
+    assert result.stats["fired"]["hardswish"] == 1
+    onnx.checker.check_model(result.model, full_check=True)
+    x = np.linspace(-6, 6, 2 * 8 * 25, dtype=np.float32).reshape(2, 8, 5, 5)
+    _same_outputs(model, result.model, {"x": x}, tol=1e-6)
+    again = _fuse(result.model, target=target)
+    assert not again.modified
+
+
+@pytest.mark.parametrize(
+    "changed", [{"six": 5.0}, {"three": 2.0}, {"extra_out": "a"}], ids=["clip-5", "add-2", "used"]
+)
+def test_hardswish_lookalikes_stay(changed):
+    model = _hardswish("div-after-mul", 14, **changed)
+    result = _fuse(model)
+    assert "HardSwish" not in _ops(result.model)
+    assert result.stats["fired"].get("hardswish", 0) == 0
