@@ -30,11 +30,13 @@ SPEED_HINT = (
     "keep-float to write the float model"
 )
 ACCURACY_HINT = {
-    "static": "nothing was written; try --calib-method minmax or entropy, more or more "
-    "typical --calib-data, --exclude-node for the sensitive layers, or --mode dynamic "
-    "(--no-verify writes it anyway)",
-    "dynamic": "nothing was written; try --per-channel or --exclude-node for the sensitive "
-    "layers (--no-verify writes it anyway)",
+    "static": "nothing was written; try --accuracy-budget 2 --eval-data DATA (keeps the "
+    "most sensitive layers out of int8 until the cosine is >= 0.98), --calib-method minmax "
+    "or entropy, more or more typical --calib-data, or --mode dynamic (--no-verify writes "
+    "it anyway)",
+    "dynamic": "nothing was written; try --accuracy-budget 2 --eval-data DATA (keeps the "
+    "most sensitive layers out of int8 until the cosine is >= 0.98), --per-channel or "
+    "--exclude-node (--no-verify writes it anyway)",
     "weight-only": "nothing was written; try --block-size 16, --bits 8 or --exclude-node "
     "(--no-verify writes it anyway)",
 }
