@@ -831,10 +831,23 @@ def test_budget_fallback_keeps_int8_weights_unless_asked(qcli, tmp_path, fallbac
         assert budget["int8_weight_fallback"] == [] and stats["weight_bytes_ratio"] == 1.0
 
 
-def test_budget_falls_back_to_float_weights_when_int8_weights_never_fit(tmp_path):
+def test_budget_falls_back_to_float_weights_when_int8_weights_never_fit(tmp_path, monkeypatch):
     """The outlier digits CNN: rounding block2's weights per channel zeroes the inputs
     that carry the scaled-up channel, so only float weights fit; the same ranking is
-    searched again and the trials of both searches are reported."""
+    searched again and the trials of both searches are reported. Every trial reads the
+    first one's calibration back instead of calibrating again."""
+    import importlib
+
+    from optimodel.passes.quantize import _takes_calibration_cache
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
+    calibrations = []
+    create = ort_quantize.create_calibrator
+    monkeypatch.setattr(
+        ort_quantize,
+        "create_calibrator",
+        lambda *a, **k: calibrations.append(1) or create(*a, **k),
+    )
     src = _outlier_digits(tmp_path)
     calib, held_out = _split_digits(tmp_path)
     result = get_pass(
@@ -846,6 +859,8 @@ def test_budget_falls_back_to_float_weights_when_int8_weights_never_fit(tmp_path
     assert budget["fits"] and budget["fallback"] == "float", tried
     assert any(how == "int8-weights" and not fits for how, _, fits in tried)
     assert len({(how, count) for how, count, _ in tried}) == len(tried)  # none measured twice
+    if _takes_calibration_cache(ort_quantize.quantize_static):
+        assert len(calibrations) == 1 < len(tried)
 
 
 def test_impossible_budget_exits_3_and_writes_nothing(qcli, tmp_path):

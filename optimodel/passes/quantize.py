@@ -27,6 +27,7 @@ False for the caller to write and fail.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import re
@@ -206,6 +207,11 @@ def _save(model: onnx.ModelProto, path: Path) -> bool:
     return big
 
 
+def _takes_calibration_cache(quantize_static: Any) -> bool:
+    """Recent ONNX Runtime releases take `calibration_cache_path`; older ones recalibrate."""
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
 def _has_subgraphs(model: onnx.ModelProto) -> bool:
     return sum(1 for _ in iter_graphs(model.graph)) > 1
 
@@ -273,6 +279,9 @@ class QuantizePass(Pass):
         super().__init__(**options)
         self._per_channel = False
         self._excluded: list[str] = []
+        # set while the accuracy budget runs: every trial calibrates the same tensors on
+        # the same data, so the first one's ranges are saved there and read back
+        self._calibration_cache: Path | None = None
         self._validate()
         if self.options["accuracy_budget"] is not None:
             # the budget is the accuracy contract: verification reports, never refuses
@@ -521,6 +530,7 @@ class QuantizePass(Pass):
 
         with tempfile.TemporaryDirectory(prefix="optimodel-budget-") as tmp:
             probe = search.DropProbe(model, dataset, tmp)
+            self._calibration_cache = Path(tmp)
             found = None
             # int8 weights first (no bigger a file); when rounding the kept layers'
             # weights is itself too much, the same ranking again with them in float
@@ -540,6 +550,7 @@ class QuantizePass(Pass):
                 )
                 if found.fits or not found.ranking:
                     break
+            self._calibration_cache = None
             assert found is not None
         summary = found.to_dict()
         summary["eval_data"] = dataset.description
@@ -793,6 +804,10 @@ class QuantizePass(Pass):
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         o = self.options
+        cache: dict[str, Any] = {}
+        if self._calibration_cache is not None and _takes_calibration_cache(quantize_static):
+            name = f"calibration-{str(method).rsplit('.', 1)[-1].lower()}.json"
+            cache["calibration_cache_path"] = str(self._calibration_cache / name)
         quantize_static(
             str(src),
             str(out),
@@ -808,6 +823,7 @@ class QuantizePass(Pass):
             calibrate_method=method,
             calibration_providers=["CPUExecutionProvider"],
             extra_options=extra,
+            **cache,
         )
 
     def _weight_only(
