@@ -1210,3 +1210,64 @@ def test_hardswish_lookalikes_stay(changed):
     result = _fuse(model)
     assert "HardSwish" not in _ops(result.model)
     assert result.stats["fired"].get("hardswish", 0) == 0
+
+
+# -- affine-conv -----------------------------------------------------------------------------
+
+
+def _affine_conv(steps, pads=(0, 0, 0, 0), kernel=1, group=1, extra_reader=False):
+    """x -> steps (op, constant) -> Conv(kernel, pads, group) -> y (and the affine output)."""
+    nodes, inits, data = [], [], "x"
+    for i, (op, value) in enumerate(steps):
+        inits.append(_const(f"k{i}", np.asarray(value, np.float32)))
+        nodes.append(helper.make_node(op, [data, f"k{i}"], [f"s{i}"], name=f"{op}_{i}"))
+        data = f"s{i}"
+    weight = _x(6, 4 // group, kernel, kernel)
+    inits += [_const("w", weight), _const("b", _x(6))]
+    nodes.append(
+        helper.make_node("Conv", [data, "w", "b"], ["y"], name="conv", pads=list(pads), group=group)
+    )
+    side = 5 - kernel + 1 + pads[0] + pads[2]
+    outputs = [helper.make_tensor_value_info("y", F, [2, 6, side, side])]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info(data, F, [2, 4, 5, 5]))
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [2, 4, 5, 5])], outputs, inits)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [("Mul", 1.7), ("Add", -0.4)],  # the learnable affine block: scalar a, b
+        [("Mul", _x(1, 4, 1, 1)), ("Sub", _x(4, 1, 1))],
+        [("Div", np.array([2.0, -4.0, 0.5, 8.0]).reshape(4, 1, 1))],
+        [("Add", 3.0)],
+    ],
+    ids=["scalar-mul-add", "per-channel-mul-sub", "per-channel-div", "add"],
+)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_affine_before_an_unpadded_conv_joins_its_weights(steps, kernel):
+    model = _affine_conv(steps, kernel=kernel)
+    result = _fuse(model, target="portable")
+    assert _ops(result.model) == Counter({"Conv": 1})
+    assert result.stats["fired"]["affine-conv"] == 1
+    onnx.checker.check_model(result.model, full_check=True)
+    _same_outputs(model, result.model, {"x": _x(2, 4, 5, 5) * 3}, tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"pads": (1, 1, 1, 1), "kernel": 3}, "pads its input"),
+        ({"extra_reader": True}, None),  # the affine output is used elsewhere too
+        ({"group": 2}, None),
+    ],
+    ids=["padded", "shared", "grouped"],
+)
+def test_affine_conv_declines(options, reason):
+    model = _affine_conv([("Mul", 1.7), ("Add", -0.4)], **options)
+    result = _fuse(model, target="portable")
+    assert result.stats["fired"].get("affine-conv", 0) == 0
+    assert _ops(result.model)["Conv"] == 1 and _ops(result.model)["Add"] == 1
+    if reason:
+        assert reason in _reasons(result, "affine-conv")[0]
+    _same_outputs(model, result.model, {"x": _x(2, 4, 5, 5)})
