@@ -532,25 +532,27 @@ class QuantizePass(Pass):
             probe = search.DropProbe(model, dataset, tmp)
             self._calibration_cache = Path(tmp)
             found = None
-            # int8 weights first (no bigger a file); when rounding the kept layers'
-            # weights is itself too much, the same ranking again with them in float
-            for fallback in FALLBACKS[FALLBACKS.index(o["fallback"]) :]:
-                found = search.search(
-                    budget=float(o["accuracy_budget"]),
-                    quantize=quantizer(fallback),
-                    measure=probe.measure,
-                    latency=lambda m: search.latency_p50_ms(m, first_feed),
-                    rank=rank,
-                    max_trials=int(o["max_trials"] or search.DEFAULT_MAX_TRIALS),
-                    metric=probe.metric,
-                    unit=probe.unit,
-                    baseline=probe.baseline,
-                    fallback=fallback,
-                    previous=found,
-                )
-                if found.fits or not found.ranking:
-                    break
-            self._calibration_cache = None
+            try:
+                # int8 weights first (no bigger a file); when rounding the kept layers'
+                # weights is itself too much, the same ranking again with them in float
+                for fallback in FALLBACKS[FALLBACKS.index(o["fallback"]) :]:
+                    found = search.search(
+                        budget=float(o["accuracy_budget"]),
+                        quantize=quantizer(fallback),
+                        measure=probe.measure,
+                        latency=lambda m: search.latency_p50_ms(m, first_feed),
+                        rank=rank,
+                        max_trials=int(o["max_trials"] or search.DEFAULT_MAX_TRIALS),
+                        metric=probe.metric,
+                        unit=probe.unit,
+                        baseline=probe.baseline,
+                        fallback=fallback,
+                        previous=found,
+                    )
+                    if found.fits or not found.ranking:
+                        break
+            finally:
+                self._calibration_cache = None
             assert found is not None
         summary = found.to_dict()
         summary["eval_data"] = dataset.description
