@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from optimodel.modelio import iter_graphs
+from optimodel.quant.stats import weight_bytes
 
 Feed = dict[str, np.ndarray]
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -52,6 +53,7 @@ def graph_stats(path: Path) -> dict[str, Any]:
         "constant_nodes": sum(n.op_type == "Constant" for n in nodes),
         "custom_domain_nodes": sum(n.domain not in STANDARD_DOMAINS for n in nodes),
         "bytes": _model_bytes(path, model),
+        "matmul_weight_bytes": weight_bytes(model)["matmul"],
         "checker": checker,
     }
 

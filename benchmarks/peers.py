@@ -121,6 +121,19 @@ def ort_quant_static_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
     return out
 
 
+@preload("onnxruntime.quantization.matmul_nbits_quantizer")
+def ort_int4_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`MatMulNBitsQuantizer(model).process()`: int4 MatMul weights, its defaults (block 128)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = out_dir / "model.onnx"
+    with _working_dir(out_dir):
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)))
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
+
+
 PEERS: dict[str, ToolFn] = {
     "onnxslim": onnxslim_tool,
     "onnxsim": onnxsim_tool,
@@ -129,6 +142,7 @@ PEERS: dict[str, ToolFn] = {
     "ort-extended": ort_extended_tool,
     "ort-quant-dynamic": ort_quant_dynamic_tool,
     "ort-quant-static": ort_quant_static_tool,
+    "ort-int4": ort_int4_tool,
 }
 
 

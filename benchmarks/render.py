@@ -119,8 +119,12 @@ def _fidelity_cells(row: dict[str, Any]) -> list[str]:
     return [f"{fid['max_abs_diff']:.3g}", f"{fid['cosine']:.6f}", agree]
 
 
-def _note(row: dict[str, Any]) -> str:
+def _note(row: dict[str, Any], original: dict[str, Any] | None = None) -> str:
     notes = []
+    before = (original or {}).get("matmul_weight_bytes")
+    after = row.get("matmul_weight_bytes")
+    if before and after is not None and row is not original and abs(after / before - 1) > 0.005:
+        notes.append(f"MatMul weights {after / before:.3f}x")
     if row.get("error"):
         notes.append(f"failed: {row['error']}")
     if row.get("load_error"):
@@ -161,7 +165,7 @@ def _model_section(model: dict[str, Any], threads: list[str]) -> list[str]:
         lats = [_ratio(row["latency"][t]["ratio"]) if measured else "" for t in threads]
         load = _ratio(row["load"]["ratio"]) if measured else ""
         cells = [row["tool"], seconds, peak, nodes, size, *lats, load, *_fidelity_cells(row)]
-        lines.append("| " + " | ".join([*cells, _note(row)]) + " |")
+        lines.append("| " + " | ".join([*cells, _note(row, original)]) + " |")
     return [*lines, ""]
 
 

@@ -134,6 +134,12 @@ def optimodel_quant_static_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> 
     )
 
 
+@preload(*_OPTIMODEL_IMPORTS, "onnxruntime.quantization.matmul_nbits_quantizer")
+def optimodel_int4_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
+    """`optimodel quantize --mode weight-only`: int4 MatMulNBits, block 32, head at 8 bits."""
+    return _optimodel_passes(src, out_dir, feeds, [("quantize", {"mode": "weight-only"})])
+
+
 @preload(*_OPTIMODEL_IMPORTS)
 def optimodel_fp16_tool(src: Path, out_dir: Path, feeds: list[Feed]) -> Path:
     """`optimodel fp16 --keep-io-types --data FEEDS`: float16 with measured fallback."""
@@ -186,6 +192,7 @@ OPTIMODEL_TOOLS: dict[str, ToolFn] = {
     "optimodel-fuse-verified": optimodel_fold_fuse_verified_tool,
     "optimodel-quant-dynamic": optimodel_quant_dynamic_tool,
     "optimodel-quant-static": optimodel_quant_static_tool,
+    "optimodel-int4": optimodel_int4_tool,
     "optimodel-fp16": optimodel_fp16_tool,
     "optimodel-prune-channel": optimodel_prune_channel_tool,
     "optimodel-prune-channel-recovery": optimodel_prune_channel_recovery_tool,
