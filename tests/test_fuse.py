@@ -1271,3 +1271,45 @@ def test_affine_conv_declines(options, reason):
     if reason:
         assert reason in _reasons(result, "affine-conv")[0]
     _same_outputs(model, result.model, {"x": _x(2, 4, 5, 5)})
+
+
+def test_affine_conv_leaves_an_affine_that_widens_its_input():
+    """A grayscale image normalized into 3 channels: the Sub broadcasts [N, 1, H, W] to
+    [N, 3, H, W], so the Conv cannot read the 1-channel tensor instead."""
+    std = RNG.uniform(1, 2, (1, 3, 1, 1)).astype(np.float32)
+    inits = [_const("mean", _x(1, 3, 1, 1)), _const("std", std), _const("w", _x(5, 3, 2, 2))]
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["c"], name="sub"),
+        helper.make_node("Div", ["c", "std"], ["n"], name="div"),
+        helper.make_node("Conv", ["n", "w"], ["y"], name="conv"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info("y", F, [1, 5, 5, 5])],
+        inits,
+    )
+    result = _fuse(model, target="portable")
+    # the Div (already 3 channels) may join the Conv; the widening Sub must stay
+    assert _ops(result.model)["Sub"] == 1
+    _same_outputs(model, result.model, {"x": _x(1, 1, 6, 6)})
+
+
+def test_hardswish_leaves_float64_and_shape_changing_constants():
+    text = HARDSWISH.format(
+        opset=14, three=3.0, six=6.0, clip="Clip(a, zero, six)", tail=TAILS["div-after-mul"],
+        add_args="x, three", extra_out="",
+    )  # fmt: skip
+    double = parse_model(text.replace("float", "double"))
+    result = _fuse(double)
+    assert "HardSwish" not in _ops(result.model)
+    assert "float32 / float16" in _reasons(result, "hardswish")[0]
+    x = np.linspace(-6, 6, 2 * 8 * 25).reshape(2, 8, 5, 5)
+    _same_outputs(double, result.model, {"x": x})
+    # a "3" stored as [1, 1, 1, 1, 1] would broadcast x to rank 5: not a scalar here
+    wide = parse_model(
+        text.replace("float three = {3.0}", "float[1, 1, 1, 1, 1] three = {3.0}").replace(
+            "(float[N, 8, 5, 5] y)", "(float[1, N, 8, 5, 5] y)"
+        )
+    )
+    assert "HardSwish" not in _ops(_fuse(wide).model)

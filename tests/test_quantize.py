@@ -863,6 +863,39 @@ def test_budget_falls_back_to_float_weights_when_int8_weights_never_fit(tmp_path
         assert len(calibrations) == 1 < len(tried)
 
 
+def test_budget_below_opset_13_keeps_float_weights_and_says_so(tmp_path):
+    """Per-channel DequantizeLinear needs opset 13; dynamic mode keeps an opset-12 model
+    as it is, so the kept nodes stay float, their trials say so, and the same search is
+    not run a second time."""
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        "opset12",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [
+            numpy_helper.from_array((rng.normal(size=(64, 128)) / 8).astype(np.float32), "w1"),
+            numpy_helper.from_array((rng.normal(size=(128, 32)) / 11).astype(np.float32), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(16, 64)).astype(np.float32))
+    result = get_pass(
+        "quantize", mode="dynamic", accuracy_budget=1e-5, eval_data=str(tmp_path / "eval.npz"),
+        keep_best=True,
+    ).run(model)  # fmt: skip
+    budget = result.stats["accuracy_budget"]
+    assert budget["int8_weight_fallback"] == []
+    assert all(t["fallback"] == "float" for t in budget["trials"])
+    kept = [tuple(sorted(t["nodes"])) for t in budget["trials"]]
+    assert len(set(kept)) == len(kept)  # no configuration measured twice
+
+
 def test_impossible_budget_exits_3_and_writes_nothing(qcli, tmp_path):
     src = _outlier_digits(tmp_path)
     calib, held_out = _split_digits(tmp_path)

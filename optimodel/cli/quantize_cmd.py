@@ -160,7 +160,10 @@ def quantize(
     ] = None,
     max_trials: Annotated[
         int | None,
-        _opt("--max-trials", help="Quantize-and-measure trials for --accuracy-budget (12)."),
+        _opt(
+            "--max-trials",
+            help="Quantize-and-measure trials for --accuracy-budget, per weight form (12).",
+        ),
     ] = None,
     fallback: Annotated[
         str | None,

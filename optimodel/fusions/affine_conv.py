@@ -41,6 +41,9 @@ def _step(
         value = view.const(node.input[1 - side])
         if value is None or view.const(node.input[side]) is not None:
             continue
+        shape = view.shape(node.input[side])
+        if shape is None or len(shape) != rank or shape[1] != channels:
+            return None  # the constant would broadcast the data to a new shape
         vec = per_channel(value, rank, channels)
         if vec is None:
             return None

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import onnx
 
-from optimodel.fusions import FLOAT_TYPES, GraphView, Pattern, Rewrite, close, other_input, register
+from optimodel.fusions import GraphView, Pattern, Rewrite, close, other_input, register
 
 HARDSWISH_OPSET = 14
+# ONNX Runtime's CPU provider has HardSigmoid / HardSwish for these only (no float64)
+TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def _scalar(view: GraphView, name: str) -> float | None:
+    """A constant of one value that cannot change the shape it is broadcast against."""
+    value = view.const(name)
+    return view.scalar(name) if value is not None and value.ndim <= 1 else None
 
 
 def _clip_bounds(view: GraphView, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
     """Clip's (min, max): inputs from opset 11, attributes before."""
     if view.opset >= 11:
-        low = view.scalar(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
-        high = view.scalar(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
+        low = _scalar(view, clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
+        high = _scalar(view, clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
         return low, high
     values = {a.name: a.f for a in clip.attribute}
     return values.get("min"), values.get("max")
@@ -37,8 +45,8 @@ def _divided_by_six(view: GraphView, node: onnx.NodeProto | None, value: str) ->
     if other is None:
         return False
     if node.op_type == "Div":
-        return node.input[0] == value and close(view.scalar(other), 6.0)
-    return node.op_type == "Mul" and close(view.scalar(other), 1.0 / 6.0)
+        return node.input[0] == value and close(_scalar(view, other), 6.0)
+    return node.op_type == "Mul" and close(_scalar(view, other), 1.0 / 6.0)
 
 
 @register
@@ -57,7 +65,7 @@ class HardSwish(Pattern):
         if add is None or not view.only_reader(add.output[0], node):
             return None
         x = next(
-            (add.input[a] for a, b in ((0, 1), (1, 0)) if close(view.scalar(add.input[b]), 3.0)),
+            (add.input[a] for a, b in ((0, 1), (1, 0)) if close(_scalar(view, add.input[b]), 3.0)),
             None,
         )
         if x is None:
@@ -81,8 +89,8 @@ class HardSwish(Pattern):
             nodes = [add, node, step, mul]
         else:
             return None
-        if view.dtype(x) not in FLOAT_TYPES:
-            return "HardSwish input is not floating point (or its type is unknown)"
+        if view.dtype(x) not in TYPES:
+            return "HardSwish input is not float32 / float16 (or its type is unknown)"
         out = nodes[-1].output[0]
         if view.opset >= HARDSWISH_OPSET:
             return Rewrite(remove=nodes, add=[view.node("HardSwish", [x], [out], name="HardSwish")])

@@ -546,11 +546,16 @@ class QuantizePass(Pass):
                         metric=probe.metric,
                         unit=probe.unit,
                         baseline=probe.baseline,
-                        fallback=fallback,
+                        fallback=lambda m: (
+                            "int8-weights"
+                            if details_of[id(m)].get("int8_weight_fallback")
+                            else "float"
+                        ),
                         previous=found,
                     )
-                    if found.fits or not found.ranking:
-                        break
+                    stored = any(t.fallback == "int8-weights" for t in found.trials)
+                    if found.fits or not found.ranking or not stored:
+                        break  # (nothing stored in int8: the float search would repeat it)
             finally:
                 self._calibration_cache = None
             assert found is not None
@@ -558,7 +563,7 @@ class QuantizePass(Pass):
         summary["eval_data"] = dataset.description
         best = found.best.model
         assert best is not None
-        summary["fallback"] = found.best.fallback
+        summary["fallback"] = found.best.fallback if found.best.kept_float else None
         summary["int8_weight_fallback"] = details_of[id(best)].get("int8_weight_fallback", [])
         if not found.fits:
             kept = len(found.best.kept_float)

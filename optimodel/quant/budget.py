@@ -297,13 +297,14 @@ def search(
     metric: str = "top1",
     unit: str = "top-1 points",
     baseline: float | None = None,
-    fallback: str = "float",
+    fallback: Callable[[onnx.ModelProto], str] | None = None,
     previous: BudgetResult | None = None,
 ) -> BudgetResult:
     """Full int8 first; over budget, fall back the ranked nodes in growing numbers.
 
-    With `previous` (a search that found no fit with another `fallback`), its full-int8
-    trial and ranking are reused, its trials kept, and `max_trials` counts new ones."""
+    `fallback` tells how a candidate's kept nodes were written ("float" when None). With
+    `previous` (a search that found no fit with another form), its full-int8 trial and
+    ranking are reused, its trials kept, and `max_trials` counts new ones."""
     trials: list[Trial] = list(previous.trials) if previous else []
     first = len(trials)
     tried: dict[int, Trial] = {}
@@ -320,7 +321,7 @@ def search(
         start = time.perf_counter()
         model = quantize(kept)
         drop, value = measure(model)
-        how = fallback if kept else "float"
+        how = fallback(model) if kept and fallback else "float"
         found = Trial(kept, drop, value, latency(model), drop <= budget,
                       time.perf_counter() - start, model, how)  # fmt: skip
         trials.append(found)

@@ -37,6 +37,8 @@ INTEGER_OPS = {
 }
 MATMUL_FAMILY = {
     "MatMul",
+    "Attention",  # com.microsoft: the packed Q/K/V projection weight
+    "QAttention",
     "Gemm",
     "MatMulInteger",
     "QLinearMatMul",
@@ -61,6 +63,9 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "MatMulIntegerToFloat": (1, 3, 5),
     "QGemm": (3, 4, 5),
     "GatherBlockQuantized": (0, 2, 3),
+    "Attention": (1,),
+    "QAttention": (1, 4, 7),
+    "EmbedLayerNormalization": (2, 3, 4),  # word, position and segment tables
 }
 # Value-preserving ops a weight may pass through between its initializer and the layer.
 _PASS_THROUGH = {"Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"}

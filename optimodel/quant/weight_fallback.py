@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimodel.graphs import attr, consumers, drop_unread_initializers
+from optimodel.graphs import attr, consumers, drop_unread_initializers, subgraph_references
 from optimodel.modelio import tensor_array
 
 DQ = "DequantizeLinear"
@@ -63,14 +63,16 @@ def store_weights_int8(
 ) -> list[str]:
     """Store the float weight of each named layer in int8 behind a DequantizeLinear, in
     place. Returns the names of the layers changed; a weight other nodes also read, one
-    not float32, or one too small is left as it is."""
+    not float32, one too small, one that is also a graph input, and any model below opset 13
+    (no per-channel DequantizeLinear) are left as they are."""
     if _opset(model) < PER_AXIS_OPSET:
         return []
     wanted = set(nodes)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     readers = consumers(graph)
-    taken = {o for n in graph.node for o in n.output} | set(inits)
+    fixed = {i.name for i in graph.input} | subgraph_references(graph)  # fed, or read inside
+    taken = {o for n in graph.node for o in n.output} | set(inits) | {n.name for n in graph.node}
     changed: list[str] = []
     position = 0
     while position < len(graph.node):
@@ -82,7 +84,7 @@ def store_weights_int8(
         tensor = inits.get(name)
         if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
             continue
-        if len(readers.get(name, [])) != 1:
+        if len(readers.get(name, [])) != 1 or name in fixed:
             continue
         weight = tensor_array(tensor)
         axis = _channel_axis(node, weight)
