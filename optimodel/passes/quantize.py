@@ -763,6 +763,12 @@ class QuantizePass(Pass):
             "percentile": CalibrationMethod.Percentile,
         }
         used = o["calib_method"]
+        missing = (
+            "calibration left some tensors without a histogram (control flow whose branches "
+            "the samples did not all take); calibrated with minmax instead"
+        )
+        if used != "minmax" and f"{used} {missing}" in warnings:
+            used = "minmax"  # an earlier budget trial found it out: do not try again
         try:
             self._quantize_static(src, out, reader, methods[used], symmetric, big, extra)
         except ValueError as exc:
@@ -770,10 +776,7 @@ class QuantizePass(Pass):
                 raise
             # A tensor the histogram never saw (a branch of an If that no sample took):
             # ONNX Runtime's histogram calibrators give up, min/max does not.
-            warnings.append(
-                f"{used} calibration left some tensors without a histogram (control flow "
-                "whose branches the samples did not all take); calibrated with minmax instead"
-            )
+            warnings.append(f"{used} {missing}")
             used = "minmax"
             reader.set_range(0, len(reader))
             self._quantize_static(src, out, reader, methods[used], symmetric, big, extra)
