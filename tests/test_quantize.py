@@ -272,6 +272,52 @@ def test_weight_only_keeps_embedding_float_and_lm_head_at_8_bits():
         assert _cosine(ref, _session(out).run(None, {"ids": ids})[0]) >= 0.98
 
 
+def _wide_vocabulary_lm(vocabulary: int = 4200) -> onnx.ModelProto:
+    """An embedding table over 1 MiB (4200 x 64 floats) -> a projection."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((vocabulary, 64)).astype(np.float32), "embed"),
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) / 8, "w"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["e"], name="embedding"),
+        helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "T", 64])],
+        inits,
+    )
+    return _opset17(graph)
+
+
+def test_weight_only_stores_a_large_embedding_table_in_8_bits():
+    """The word table becomes uint8 blocks read by GatherBlockQuantized (only the gathered
+    rows are dequantized); --exclude-node keeps it float; small tables stay float."""
+    model = _wide_vocabulary_lm()
+    # the projection stays float, so the output difference is the table's rounding alone
+    result = get_pass("quantize", mode="weight-only", exclude_nodes=["proj"]).run(model)
+    ops = {n.name: n.op_type for n in result.model.graph.node}
+    assert ops["embedding"] == "GatherBlockQuantized"
+    assert result.stats["embeddings_8bit"] == ["embedding"]
+    assert result.stats["embeddings_kept_float"] == []
+    table = next(t for t in result.model.graph.initializer if t.name == "embed_u8")
+    assert table.data_type == TensorProto.UINT8 and list(table.dims) == [4200, 64]
+    assert "embed" not in {t.name for t in result.model.graph.initializer}
+    onnx.checker.check_model(result.model, full_check=True)
+    ids = np.random.default_rng(2).integers(0, 4200, size=(3, 40)).astype(np.int64)
+    ref = _session(model).run(None, {"ids": ids})[0]
+    got = _session(result.model).run(None, {"ids": ids})[0]
+    print(f"\n[int4] 8-bit embedding table: output cosine {_cosine(ref, got):.6f}")
+    assert _cosine(ref, got) >= 0.9999
+    kept = get_pass("quantize", mode="weight-only", exclude_nodes=["embedding"]).run(model)
+    assert {n.name: n.op_type for n in kept.model.graph.node}["embedding"] == "Gather"
+    small = get_pass("quantize", mode="weight-only").run(_wide_vocabulary_lm(1000))
+    assert small.stats["embeddings_kept_float"] == ["embedding"]
+
+
 def test_dynamic_mode_for_cuda_is_refused_with_a_clear_error(qcli, tmp_path):
     with pytest.raises(UsageError, match="cuda provider cannot run; use --mode static"):
         get_pass("quantize", mode="dynamic", target="cuda")

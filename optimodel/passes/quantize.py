@@ -54,6 +54,7 @@ from optimodel.modelio import (
 from optimodel.passes.base import Pass, PassResult, register_pass
 from optimodel.quant import prepare
 from optimodel.quant.compact import compact_qdq
+from optimodel.quant.embeddings import embeddings_to_8bit
 from optimodel.quant.outputs import float_matmul_outputs, float_outputs
 from optimodel.quant.presets import PRESETS, preset_nodes, small_lookup_tables
 from optimodel.quant.stats import COMPUTE_OPS, quantization_stats, weight_bytes
@@ -879,9 +880,14 @@ class QuantizePass(Pass):
                 f"kept {', '.join(heads)} (LM-head-like last projection) at {head_precision}; "
                 "keep_head=False quantizes it too"
             )
+        tables: list[str] = []
+        if fmt == "matmulnbits" and o["target"] == "cpu":  # GatherBlockQuantized: ORT's
+            tables = embeddings_to_8bit(result, int(o["block_size"]), excluded)
         weights = {t.name for t in model.graph.initializer}
         embeddings = [
-            n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights
+            n.name
+            for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in weights and n.name not in tables
         ]
         details = {
             "format": "MatMulNBits (com.microsoft)"
@@ -898,6 +904,7 @@ class QuantizePass(Pass):
             "head_nodes": heads,
             "head_precision": head_precision if heads else None,
             "embeddings_kept_float": embeddings,
+            "embeddings_8bit": tables,
         }
         return result, details
 
