@@ -344,6 +344,15 @@ def _render(data: dict[str, Any]) -> None:
         rows.insert(-1, ("written compactly", _compacted(stats)))
     if calibration:
         rows.append(("calibration", f"{calibration['method']} on {calibration['data']}"))
+    tables = stats.get("embeddings_8bit") or []
+    floats = stats.get("embeddings_kept_float") or []
+    if tables or floats:  # weight-only
+        rows.append(
+            (
+                "embedding tables",
+                f"{len(tables)} in 8 bits (GatherBlockQuantized), {len(floats)} float",
+            )
+        )
     for label, value in rows:
         table.add_row(label, escape(str(value)))
     console.print(table)
