@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from optimodel.graphs import MS_DOMAIN, attr
+from optimodel.graphs import MS_DOMAIN, attr, fresh_name
 
 
 def expand_fused_conv(model: onnx.ModelProto) -> int:
@@ -39,7 +39,7 @@ def expand_fused_conv(model: onnx.ModelProto) -> int:
             activation = attr(node, "activation", b"")
             activation = activation.decode() if isinstance(activation, bytes) else str(activation)
             params = [float(v) for v in attr(node, "activation_params", []) or []]
-            middle = _fresh(f"{node.output[0]}_conv", names)
+            middle = fresh_name(f"{node.output[0]}_conv", names)
             conv = onnx.helper.make_node("Conv", list(node.input), [middle], name=node.name)
             conv.attribute.extend(
                 a for a in node.attribute if a.name not in ("activation", "activation_params")
@@ -54,13 +54,13 @@ def expand_fused_conv(model: onnx.ModelProto) -> int:
                     extra = {"min": params[0], "max": params[1]}
                 else:
                     for value, suffix in zip(params[:2], ("min", "max"), strict=True):
-                        bound = _fresh(f"{node.name or 'clip'}_{suffix}", names)
+                        bound = fresh_name(f"{node.name or 'clip'}_{suffix}", names)
                         graph.initializer.append(
                             onnx.numpy_helper.from_array(np.array(value, np.float32), bound)
                         )
                         inputs.append(bound)
             act = onnx.helper.make_node(
-                activation, inputs, list(node.output), name=_fresh(f"{node.name}_act", names)
+                activation, inputs, list(node.output), name=fresh_name(f"{node.name}_act", names)
             )
             for key, value in extra.items():
                 act.attribute.append(onnx.helper.make_attribute(key, value))
@@ -70,11 +70,3 @@ def expand_fused_conv(model: onnx.ModelProto) -> int:
             del graph.node[:]
             graph.node.extend(nodes)
     return count
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    taken.add(name)
-    return name

@@ -7,7 +7,7 @@ optimizer has no fusion for them). From opset 14 it becomes HardSwish; below, th
 function as HardSigmoid(x, alpha=1/6, beta=0.5) -> Mul(x, .), which every opset has
 (opset 6+). Both are standard ONNX, so the `portable` target gets them too. Measured on a
 [1, 32, 160, 160] tensor at one thread: 0.75 ms for the four ops, 0.46 ms for either form.
-Static int8 gains as well: Clip is quantized (Q/DQ on both sides), HardSwish is not.
+`quantize` does not apply it in its own preparation (see optimodel.quant.prepare).
 """
 
 from __future__ import annotations

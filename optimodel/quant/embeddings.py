@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimodel.graphs import MS_DOMAIN, attr, consumers, drop_unread_initializers
+from optimodel.graphs import MS_DOMAIN, attr, consumers, drop_unread_initializers, fresh_name
 from optimodel.modelio import tensor_array
 from optimodel.quant.presets import SMALL_TABLE_ELEMENTS
 
@@ -48,6 +48,7 @@ def embeddings_to_8bit(
     inits = {t.name: t for t in graph.initializer}
     readers = consumers(graph)
     fed = {i.name for i in graph.input}
+    taken = set(inits) | {o for n in graph.node for o in n.output}
     done: list[str] = []
     for index, node in enumerate(graph.node):
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.name in skip:
@@ -65,12 +66,9 @@ def embeddings_to_8bit(
         q, scale, zero = _quantize(tensor_array(table), block)
         base = table.name
         tensors = [
-            numpy_helper.from_array(q, f"{base}_u8"),
-            numpy_helper.from_array(scale, f"{base}_u8_scale"),
-            numpy_helper.from_array(zero, f"{base}_u8_zero_point"),
+            numpy_helper.from_array(array, fresh_name(f"{base}{suffix}", taken))
+            for array, suffix in ((q, "_u8"), (scale, "_u8_scale"), (zero, "_u8_zero_point"))
         ]
-        if any(t.name in inits for t in tensors):
-            continue
         graph.initializer.extend(tensors)
         new = onnx.helper.make_node(
             OP,

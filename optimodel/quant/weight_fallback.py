@@ -21,7 +21,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimodel.graphs import attr, consumers, drop_unread_initializers, subgraph_references
+from optimodel.graphs import (
+    attr,
+    consumers,
+    drop_unread_initializers,
+    fresh_name,
+    subgraph_references,
+)
 from optimodel.modelio import tensor_array
 
 DQ = "DequantizeLinear"
@@ -91,7 +97,9 @@ def store_weights_int8(
         if axis is None or weight.size < min_elements:
             continue
         q, scale = _quantize(weight, axis)
-        q_name, s_name, out = (_fresh(f"{name}_{kind}", taken) for kind in ("i8", "scale", "dq"))
+        q_name, s_name, out = (
+            fresh_name(f"{name}_{kind}", taken) for kind in ("i8", "scale", "dq")
+        )
         graph.initializer.extend(
             [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)]
         )
@@ -103,11 +111,3 @@ def store_weights_int8(
     if changed:
         drop_unread_initializers(graph)
     return changed
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, index = base, 1
-    while name in taken:
-        name, index = f"{base}_{index}", index + 1
-    taken.add(name)
-    return name
