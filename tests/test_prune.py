@@ -701,3 +701,105 @@ def test_sensitivity_usage_errors(cli, tmp_path, extra, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not out.exists()
+
+
+def _residual_mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """h = Relu(x @ W1 + b1); out = h + (h @ W2 + b2): transformer-style MatMul -> bias
+    Add layers (the bias in its own Add), one of them before a residual Add."""
+    from onnx import helper
+
+    d = 16
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="bias1"),
+        helper.make_node("Relu", ["a1"], ["h"], name="relu"),
+        helper.make_node("MatMul", ["h", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["b2", "m2"], ["a2"], name="bias2"),
+        helper.make_node("Add", ["h", "a2"], ["y"], name="residual"),
+    ]
+    inits = {
+        "w1": rng.standard_normal((d, d)) / 4,
+        "b1": rng.standard_normal(d) / 4,
+        "w2": rng.standard_normal((d, d)) / 4,
+        "b2": rng.standard_normal(d) / 4,
+    }
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, d])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, d])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_matmul_recovery_corrects_the_bias_add(tmp_path):
+    from optimodel.pruning import recovery
+
+    rng = np.random.default_rng(3)
+    model = _residual_mlp(rng)
+    first, second = recovery._layer(model, "m1"), recovery._layer(model, "m2")
+    assert first is not None and first.bias_name == "b1"
+    assert second is not None and second.bias_name == "b2"  # Add(b2, m2): either side
+
+    mix = rng.standard_normal((16, 4))  # correlated inputs with a non-zero mean
+
+    def sample(rows: int) -> np.ndarray:
+        latent = rng.standard_normal((rows, 4))
+        return (1.0 + latent @ mix.T + 0.05 * rng.standard_normal((rows, 16))).astype(np.float32)
+
+    calib = _calib_folder(tmp_path, "calib", [{"x": sample(64)} for _ in range(6)])
+    plain = get_pass("prune", sparsity=0.5, min_params=1).run(model)
+    refit = get_pass("prune", sparsity=0.5, min_params=1, calib_data=calib).run(model)
+    after = {t.name: numpy_helper.to_array(t) for t in refit.model.graph.initializer}
+    before = _weights(model)
+    assert not np.allclose(after["b1"], before["b1"]) and not np.allclose(
+        after["b2"], before["b2"]
+    )  # both bias Adds took part in the fit
+    assert refit.stats["achieved_sparsity"] == pytest.approx(0.5, abs=0.005)
+    for name in ("w1", "w2"):  # pruned zeros stay zeros
+        assert np.count_nonzero(after[name] == 0) >= before[name].size // 2
+    held_out = {"x": sample(256)}
+    (dense,) = _run(model, held_out)
+    (got,) = _run(refit.model, held_out)
+    (zeroed,) = _run(plain.model, held_out)
+    assert _cosine(got, dense) > _cosine(zeroed, dense)
+    error = float(np.mean((got - dense) ** 2))
+    assert error < 0.5 * float(np.mean((zeroed - dense) ** 2))
+
+
+def test_too_few_calibration_rows_choose_a_stronger_damping(tmp_path, monkeypatch):
+    """32 rows for a 48-input layer: an undamped fit chases the noise of those rows. The
+    damping picked on held-out feeds (which the saliency mask uses too) predicts new
+    inputs better than the weakest candidate alone; with only a few feeds the choice is
+    kept to the short list."""
+    from optimodel.pruning import recovery
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((48, 8)).astype(np.float32)
+    model = _single_layer("MatMul", weight)
+    mix = rng.standard_normal((48, 6))
+
+    def sample(rows: int) -> np.ndarray:
+        latent = rng.standard_normal((rows, 6))
+        return (latent @ mix.T + 0.5 * rng.standard_normal((rows, 48))).astype(np.float32)
+
+    feeds = recovery.WIDE_SEARCH_FEEDS
+    calib = _calib_folder(tmp_path, "calib", [{"x": sample(1)} for _ in range(feeds)])
+    held_out = {"x": sample(512)}
+    (dense,) = _run(model, held_out)
+
+    def fit(folder: str = calib) -> tuple[float, float]:
+        result = get_pass("prune", sparsity=0.5, min_params=1, calib_data=folder).run(model)
+        error = float(np.mean((_run(result.model, held_out)[0] - dense) ** 2))
+        return error, result.stats["recovery"]["layers"][0]["damping"]
+
+    chosen_error, chosen = fit()
+    few = _calib_folder(tmp_path, "few", [{"x": sample(16)} for _ in range(4)])
+    assert fit(few)[1] in recovery.FEW_FEEDS_DAMPINGS
+    monkeypatch.setattr(recovery, "DAMPINGS", (recovery.DAMPINGS[0],))
+    weakest_error, weakest = fit()
+    assert chosen > weakest
+    assert chosen_error < weakest_error

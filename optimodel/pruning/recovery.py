@@ -13,8 +13,9 @@ activations of the whole data. A re-fit that does not lower the layer's error is
 For unstructured pruning the layer also chooses *which* weights to zero from the same
 statistics: the OBS saliency w^2 / [H^-1]_ii (OBC / SparseGPT) ranks a weight by the
 output error its removal alone causes (same count of zeros as the magnitude mask). The
-damping is chosen per layer on held-out feeds. Conv, ConvTranspose (through its
-transposed im2col), Gemm and MatMul are re-fit; grouped (depthwise) Conv is not.
+damping, which the saliency uses too, is chosen per layer on held-out feeds. Conv,
+ConvTranspose (through its transposed im2col), Gemm and MatMul (with the bias of the Add
+after it) are re-fit; grouped (depthwise) Conv is not.
 """
 
 from __future__ import annotations
@@ -34,14 +35,22 @@ from optimodel.runtime.sessions import point_to_external_data
 MAX_ROWS_PER_FEED = 4096  # im2col rows sampled per feed and layer (keeps X^T X cheap)
 DAMPING = 0.01  # fraction of the mean diagonal of X^T X added to it (the default)
 # Candidate dampings, chosen per layer on held-out feeds: little calibration data for a
-# wide layer (MiniLM: 8 sentences, 1536 inputs) needs more pull toward the old weights.
-DAMPINGS = (0.01, 0.1)
+# wide layer (MiniLM: 102 sentences give 1,521 rows for 1,536 inputs) needs more pull
+# toward the old weights; on MiniLM most layers pick 0.3, some 1 or 3. With few feeds
+# the held-out halves are too small to judge that many: on PP-OCR rec (8 text lines) the
+# wide choice lowered the output cosine from 0.990 to 0.983, so few feeds get two.
+DAMPINGS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FEW_FEEDS_DAMPINGS = (0.01, 0.1)
+WIDE_SEARCH_FEEDS = 32  # calibration feeds from which the wide set is judged
 DAMPING_COLUMNS = 64  # output columns the damping is judged on
 
 
 @dataclass
 class _Layer:
-    """A node seen as y = x @ M + b with M of shape [K, N]."""
+    """A node seen as y = x @ M + b with M of shape [K, N].
+
+    A MatMul's bias is the constant of the Add that follows it, when that Add alone uses it.
+    """
 
     node: onnx.NodeProto
     weight: np.ndarray
@@ -77,6 +86,8 @@ def _layer(model: onnx.ModelProto, output: str) -> _Layer | None:
     elif node.op_type != "MatMul" or len(inits[node.input[1]].dims) != 2:
         return None
     weight = tensor_array(inits[node.input[1]])
+    if node.op_type == "MatMul":
+        return _matmul_layer(model, node, weight, inits)
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = None
     if bias_name is not None:
@@ -84,6 +95,35 @@ def _layer(model: onnx.ModelProto, output: str) -> _Layer | None:
             return None
         bias = tensor_array(inits[bias_name])
     return _Layer(node, weight, bias, bias_name)
+
+
+def _consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if name in n.input]
+
+
+def _matmul_layer(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    inits: dict[str, onnx.TensorProto],
+) -> _Layer:
+    """A MatMul with the bias of the Add after it (x @ W + b, a constant that Add alone
+    uses), so bias correction reaches MatMul layers too (transformer exports keep the
+    bias in a separate Add)."""
+    layer = _Layer(node, weight, None, None)
+    users = _consumers(model, node.output[0])
+    if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
+        return layer
+    add = users[0]
+    const = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    if const not in inits:
+        return layer
+    bias = tensor_array(inits[const])
+    shared = sum(const in n.input for n in model.graph.node) > 1
+    if shared or bias.size != weight.shape[1] or bias.shape[-1:] != (weight.shape[1],):
+        return layer
+    layer.bias, layer.bias_name = bias, const
+    return layer
 
 
 def _add_bias(model: onnx.ModelProto, layer: _Layer) -> None:
@@ -278,7 +318,11 @@ def _solve(
 
 
 def saliency_support(
-    h: np.ndarray, dense: np.ndarray, zeros: int, per_column: bool = False
+    h: np.ndarray,
+    dense: np.ndarray,
+    zeros: int,
+    per_column: bool = False,
+    damping: float = DAMPING,
 ) -> np.ndarray:
     """Keep-mask with `zeros` weights dropped, chosen by how much dropping each one alone
     raises the layer's output error (the OBS saliency w^2 / [H^-1]_ii of OBC / SparseGPT),
@@ -286,7 +330,7 @@ def saliency_support(
     one on a quiet input.
     """
     k = dense.shape[0]
-    damp = DAMPING * float(np.mean(np.diag(h[:k, :k]))) + 1e-12
+    damp = damping * float(np.mean(np.diag(h[:k, :k]))) + 1e-12
     inverse_diag = np.diag(np.linalg.inv(h[:k, :k] + damp * np.eye(k)))
     score = dense * dense / np.maximum(inverse_diag, 1e-30)[:, None]
     keep = np.ones(dense.shape, dtype=bool)
@@ -387,6 +431,7 @@ def _fit(
     use_bias: bool,
     keep_zeros: bool,
     reselect: bool,
+    feeds: int = WIDE_SEARCH_FEEDS,
 ) -> tuple[np.ndarray, str, float]:
     """Re-fit one layer: its weights, the mask (with `reselect`) and the damping.
 
@@ -395,8 +440,11 @@ def _fit(
     over the output columns, as Wanda compares weights per output: held-out cosine
     against the dense model, layer-wide vs per output, PP-OCR det 0.9877 vs 0.9899, rec
     0.9888 vs 0.9892, MiniLM embeddings 0.864 vs 0.873 (8 calibration sentences) and
-    0.925 vs 0.930 (102). The damping is the candidate whose fit on the even feeds best
-    predicts the odd ones; the final fit uses all feeds.
+    0.925 vs 0.930 (102). The damping is the candidate whose mask and fit, both made on
+    the even feeds alone, best predict the odd ones; the final mask and fit use all feeds.
+    With the candidates 0.01-3 rather than 0.01 / 0.1, each with its own mask, MiniLM's
+    embedding cosine on 300 held-out sentences from another domain (Python's docs) went
+    from 0.870 to 0.884, and on the 12 benchmark sentences from 0.929 to 0.932.
     """
     (ha, ga, yya, na), (hb, gb, yyb, nb) = halves
     h, g = ha + hb, ga + gb
@@ -408,13 +456,19 @@ def _fit(
         if use_bias:
             support[-1, :] = True
         mask = "magnitude"
-        if reselect and dense.shape == current[:k].shape:
-            zeros = int(np.count_nonzero(current[:k] == 0))
-            keep = saliency_support(h, dense, zeros, per_column=True)
-            current = current.copy()
-            current[:k] = np.where(keep, dense, 0.0)
-            support[:k] = keep
-            mask = "saliency"
+    zeros = int(np.count_nonzero(current[:k] == 0))
+    reselect = reselect and keep_zeros and dense.shape == current[:k].shape
+
+    def masked(stats: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """The starting weights and support for one damping (saliency uses it as well)."""
+        if not reselect or support is None:
+            return current, support
+        keep = saliency_support(stats, dense, zeros, per_column=True, damping=damping)
+        start, where = current.copy(), support.copy()
+        start[:k] = np.where(keep, dense, 0.0)
+        where[:k] = keep
+        return start, where
+
     damping = DAMPING
     if na and nb:  # feeds on both sides: let held-out data pick the damping
         # judged on a fixed sample of output columns: each column is its own least-squares
@@ -422,13 +476,35 @@ def _fit(
         cols = np.arange(g.shape[1])
         if cols.size > DAMPING_COLUMNS:
             cols = np.sort(np.random.default_rng(0).choice(cols, DAMPING_COLUMNS, replace=False))
-        part = None if support is None else support[:, cols]
-        scores = {
-            d: _error(hb, gb[:, cols], yyb, _solve(ha, ga[:, cols], current[:, cols], part, d))
-            for d in DAMPINGS
-        }
+        candidates = DAMPINGS if feeds >= WIDE_SEARCH_FEEDS else FEW_FEEDS_DAMPINGS
+        scores = {}
+        for d in candidates:
+            start, where = masked(ha, d)
+            part = None if where is None else where[:, cols]
+            fitted = _solve(ha, ga[:, cols], start[:, cols], part, d)
+            scores[d] = _error(hb, gb[:, cols], yyb, fitted)
         damping = min(scores, key=lambda d: (scores[d], d))
-    return _solve(h, g, current, support, damping), mask, damping
+    start, where = masked(h, damping)
+    if reselect:
+        mask = "saliency"
+    return _solve(h, g, start, where, damping), mask, damping
+
+
+def _store(
+    work: onnx.ModelProto, after: _Layer, solved: np.ndarray, k: int, use_bias: bool
+) -> None:
+    """Write a re-fit layer's weight (the first k rows of `solved`) and bias back."""
+    inits = _initializers(work)
+    weight = _unmatrix(after, solved[:k])
+    inits[after.node.input[1]].CopyFrom(numpy_helper.from_array(weight, after.node.input[1]))
+    if use_bias and after.bias_name is not None and after.bias is not None:
+        bias = solved[-1]
+        if after.op == "Gemm":
+            bias = bias / float(attr(after.node, "beta", 1.0))
+        bias = bias.reshape(after.bias.shape) if after.bias.size == bias.size else bias
+        inits[after.bias_name].CopyFrom(
+            numpy_helper.from_array(bias.astype(after.bias.dtype), after.bias_name)
+        )
 
 
 def refit(
@@ -474,7 +550,9 @@ def refit(
         m_orig, _ = _matrix(before)
         use_bias = b_new is not None
         current = np.vstack([m_new, b_new[None, :]]) if use_bias else m_new
-        solved, mask, damping = _fit(halves, current, m_orig, use_bias, keep_zeros, reselect)
+        solved, mask, damping = _fit(
+            halves, current, m_orig, use_bias, keep_zeros, reselect, len(batches)
+        )
         err_before, err_after = _error(h, g, yy, current), _error(h, g, yy, solved)
         info = {
             "output": output,
@@ -488,19 +566,8 @@ def refit(
         if keep_zeros and reselect:
             info["mask"] = mask
         rows_info.append(info)
-        if err_after >= err_before:
-            continue
-        inits = _initializers(work)
-        weight = _unmatrix(after, solved[: m_new.shape[0]])
-        inits[after.node.input[1]].CopyFrom(numpy_helper.from_array(weight, after.node.input[1]))
-        if use_bias and after.bias_name is not None and after.bias is not None:
-            bias = solved[-1]
-            if after.op == "Gemm":
-                bias = bias / float(attr(after.node, "beta", 1.0))
-            bias = bias.reshape(after.bias.shape) if after.bias.size == bias.size else bias
-            inits[after.bias_name].CopyFrom(
-                numpy_helper.from_array(bias.astype(after.bias.dtype), after.bias_name)
-            )
+        if err_after < err_before:
+            _store(work, after, solved, m_new.shape[0], use_bias)
     summary = {
         "method": "layer-wise damped least squares on calibration activations (+ bias)"
         + ("; zeros chosen by OBS saliency, per output" if reselect else "")
