@@ -773,8 +773,8 @@ def test_matmul_recovery_corrects_the_bias_add(tmp_path):
 def test_too_few_calibration_rows_choose_a_stronger_damping(tmp_path, monkeypatch):
     """32 rows for a 48-input layer: an undamped fit chases the noise of those rows. The
     damping picked on held-out feeds (which the saliency mask uses too) predicts new
-    inputs better than the weakest candidate alone; with only a few feeds the choice is
-    kept to the short list."""
+    inputs better than the weakest candidate alone; below WIDE_SEARCH_SAMPLES samples
+    the choice is kept to the short list."""
     from optimodel.pruning import recovery
 
     rng = np.random.default_rng(5)
@@ -786,8 +786,9 @@ def test_too_few_calibration_rows_choose_a_stronger_damping(tmp_path, monkeypatc
         latent = rng.standard_normal((rows, 6))
         return (latent @ mix.T + 0.5 * rng.standard_normal((rows, 48))).astype(np.float32)
 
-    feeds = recovery.WIDE_SEARCH_FEEDS
+    feeds = recovery.WIDE_SEARCH_SAMPLES
     calib = _calib_folder(tmp_path, "calib", [{"x": sample(1)} for _ in range(feeds)])
+    few = _calib_folder(tmp_path, "few", [{"x": sample(1)} for _ in range(feeds - 1)])
     held_out = {"x": sample(512)}
     (dense,) = _run(model, held_out)
 
@@ -797,9 +798,83 @@ def test_too_few_calibration_rows_choose_a_stronger_damping(tmp_path, monkeypatc
         return error, result.stats["recovery"]["layers"][0]["damping"]
 
     chosen_error, chosen = fit()
-    few = _calib_folder(tmp_path, "few", [{"x": sample(16)} for _ in range(4)])
-    assert fit(few)[1] in recovery.FEW_FEEDS_DAMPINGS
+    monkeypatch.setattr(recovery, "FEW_SAMPLES_DAMPINGS", (0.05,))  # in no other list
+    assert fit(few)[1] == 0.05 and fit()[1] == chosen
     monkeypatch.setattr(recovery, "DAMPINGS", (recovery.DAMPINGS[0],))
     weakest_error, weakest = fit()
     assert chosen > weakest
     assert chosen_error < weakest_error
+
+
+def test_matmul_bias_is_left_alone_where_others_read_it_or_it_is_not_a_bias():
+    from onnx import helper
+
+    from optimodel.pruning import recovery
+
+    rng = np.random.default_rng(6)
+    model = _residual_mlp(rng)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert recovery._layer(model, "m2").bias_name == "b2"
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)  # x @ W2 is a graph output too: its bias must not move
+    exposed.graph.output.append(helper.make_tensor_value_info("m2", onnx.TensorProto.FLOAT, None))
+    assert recovery._layer(exposed, "m2").bias is None
+    shared = onnx.ModelProto()
+    shared.CopyFrom(model)  # b2 read by a second Add
+    shared.graph.node.append(helper.make_node("Add", ["y", "b2"], ["y2"], name="again"))
+    assert recovery._layer(shared, "m2").bias is None
+    for shape, found in (((1, 1, 16), True), ((4, 16), False), ((16, 1), False)):
+        other = onnx.ModelProto()
+        other.CopyFrom(model)
+        value = np.resize(numpy_helper.to_array(inits["b2"]), shape).astype(np.float32)
+        for t in other.graph.initializer:
+            if t.name == "b2":
+                t.CopyFrom(numpy_helper.from_array(value, "b2"))
+        assert (recovery._layer(other, "m2").bias is not None) == found, shape
+
+
+def test_channel_pruning_keeps_a_bias_that_only_the_pruned_model_sees_as_its_own(tmp_path):
+    """A MatMul's bias in a Constant node is no bias of the layer in the original; channel
+    slicing turns it into an initializer of its own. The fit must not pull it to zero."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    d = 16
+
+    def f(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / 3).astype(np.float32)
+
+    b2 = f(d) + 2.0
+    nodes = [
+        helper.make_node("Constant", [], ["b2"], value=numpy_helper.from_array(b2)),
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["a2"], name="add2"),
+        helper.make_node("Relu", ["a2"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w3"], ["y"], name="mm3"),
+    ]
+    inits = {"w1": f(8, d), "b1": f(d), "w2": f(d, d), "w3": f(d, 4)}
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+
+    def feed(n: int) -> dict[str, np.ndarray]:
+        return {"x": rng.standard_normal((n, 8)).astype(np.float32)}
+
+    calib = _calib_folder(tmp_path, "calib", [feed(32) for _ in range(8)])
+    options = {"granularity": "channel", "sparsity": 0.5, "min_params": 1, "channel_multiple": 1}
+    plain = get_pass("prune", **options).run(model)
+    refit = get_pass("prune", **options, calib_data=calib).run(model)
+    held_out = feed(512)
+    (dense,) = _run(model, held_out)
+    plain_error = float(np.mean((_run(plain.model, held_out)[0] - dense) ** 2))
+    refit_error = float(np.mean((_run(refit.model, held_out)[0] - dense) ** 2))
+    assert refit_error < 0.1 * plain_error

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimodel.graphs import attr, copy_model
+from optimodel.graphs import attr, copy_model, subgraph_references
 from optimodel.modelio import tensor_array
 from optimodel.runtime.sessions import point_to_external_data
 
@@ -36,12 +36,12 @@ MAX_ROWS_PER_FEED = 4096  # im2col rows sampled per feed and layer (keeps X^T X 
 DAMPING = 0.01  # fraction of the mean diagonal of X^T X added to it (the default)
 # Candidate dampings, chosen per layer on held-out feeds: little calibration data for a
 # wide layer (MiniLM: 102 sentences give 1,521 rows for 1,536 inputs) needs more pull
-# toward the old weights; on MiniLM most layers pick 0.3, some 1 or 3. With few feeds
+# toward the old weights; on MiniLM most layers pick 0.3, some 1 or 3. With few samples
 # the held-out halves are too small to judge that many: on PP-OCR rec (8 text lines) the
-# wide choice lowered the output cosine from 0.990 to 0.983, so few feeds get two.
+# wide choice lowered the output cosine from 0.990 to 0.983, so few samples get two.
 DAMPINGS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-FEW_FEEDS_DAMPINGS = (0.01, 0.1)
-WIDE_SEARCH_FEEDS = 32  # calibration feeds from which the wide set is judged
+FEW_SAMPLES_DAMPINGS = (0.01, 0.1)
+WIDE_SEARCH_SAMPLES = 32  # calibration samples (over all feeds) for the wide set
 DAMPING_COLUMNS = 64  # output columns the damping is judged on
 
 
@@ -117,6 +117,11 @@ def _matmul_layer(
     add = users[0]
     const = add.input[1] if add.input[0] == node.output[0] else add.input[0]
     if const not in inits:
+        return layer
+    # x @ W itself must be read by nothing else (a graph output, a subgraph), and the
+    # constant by no other node: both would see the bias move into the weights
+    elsewhere = subgraph_references(model.graph) | {o.name for o in model.graph.output}
+    if node.output[0] in elsewhere or const in elsewhere:
         return layer
     bias = tensor_array(inits[const])
     shared = sum(const in n.input for n in model.graph.node) > 1
@@ -431,7 +436,7 @@ def _fit(
     use_bias: bool,
     keep_zeros: bool,
     reselect: bool,
-    feeds: int = WIDE_SEARCH_FEEDS,
+    samples: int = WIDE_SEARCH_SAMPLES,
 ) -> tuple[np.ndarray, str, float]:
     """Re-fit one layer: its weights, the mask (with `reselect`) and the damping.
 
@@ -476,7 +481,7 @@ def _fit(
         cols = np.arange(g.shape[1])
         if cols.size > DAMPING_COLUMNS:
             cols = np.sort(np.random.default_rng(0).choice(cols, DAMPING_COLUMNS, replace=False))
-        candidates = DAMPINGS if feeds >= WIDE_SEARCH_FEEDS else FEW_FEEDS_DAMPINGS
+        candidates = DAMPINGS if samples >= WIDE_SEARCH_SAMPLES else FEW_SAMPLES_DAMPINGS
         scores = {}
         for d in candidates:
             start, where = masked(ha, d)
@@ -531,11 +536,17 @@ def refit(
     order = {o: i for i, n in enumerate(work.graph.node) for o in n.output}
     rows_info: list[dict[str, Any]] = []
     rng = np.random.default_rng(seed)
+    samples = sum(b.size for b in batches)
     for output in sorted(set(outputs), key=lambda o: order.get(o, 0)):
         before, after = _layer(original, output), _layer(work, output)
         if before is None or after is None or before.op != after.op:
             rows_info.append({"output": output, "refit": False, "reason": "unsupported layer"})
             continue
+        if before.op == "MatMul" and (before.bias is None) != (after.bias is None):
+            # pruning can turn a Constant-node or shared bias into a bias of the layer's own
+            # (channel slicing): fit with no bias rather than toward a target without it
+            for layer in (before, after):
+                layer.bias = layer.bias_name = None
         if _groups(after.node) > 1:
             # a depthwise re-fit matches each layer better yet lowered PP-OCR rec's fidelity
             # (cosine 0.989 -> 0.982; det unchanged): its 9 weights per channel overfit
@@ -551,7 +562,7 @@ def refit(
         use_bias = b_new is not None
         current = np.vstack([m_new, b_new[None, :]]) if use_bias else m_new
         solved, mask, damping = _fit(
-            halves, current, m_orig, use_bias, keep_zeros, reselect, len(batches)
+            halves, current, m_orig, use_bias, keep_zeros, reselect, samples
         )
         err_before, err_after = _error(h, g, yy, current), _error(h, g, yy, solved)
         info = {
