@@ -18,6 +18,7 @@ from optimodel.errors import GateFailed, UsageError
 from optimodel.evaluate import evaluate
 from optimodel.inspection import estimate_macs
 from optimodel.passes import get_pass
+from optimodel.passes.base import PassResult
 from optimodel.pipeline import run_passes
 from optimodel.pruning import channel as ch
 from optimodel.pruning.nm import check_nm, nm_violations
@@ -878,3 +879,34 @@ def test_channel_pruning_keeps_a_bias_that_only_the_pruned_model_sees_as_its_own
     plain_error = float(np.mean((_run(plain.model, held_out)[0] - dense) ** 2))
     refit_error = float(np.mean((_run(refit.model, held_out)[0] - dense) ** 2))
     assert refit_error < 0.1 * plain_error
+
+
+def test_a_refit_that_predicts_held_out_feeds_worse_is_not_kept(tmp_path, monkeypatch):
+    """16 rows of unstructured inputs for a 16-input layer: the fit matches its own rows
+    and misses new ones. The layer as magnitude-pruned is kept, and it is the better one."""
+    from optimodel.pruning import recovery
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 4)).astype(np.float32)
+    model = _single_layer("MatMul", weight)
+    feeds = [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(8)]
+    calib = _calib_folder(tmp_path, "calib", feeds)
+    held_out = {"x": rng.standard_normal((512, 16)).astype(np.float32)}
+    (dense,) = _run(model, held_out)
+
+    def fit() -> tuple[float, PassResult]:
+        result = get_pass("prune", sparsity=0.5, min_params=1, calib_data=calib).run(model)
+        error = float(np.mean((_run(result.model, held_out)[0] - dense) ** 2))
+        return error, result
+
+    kept_error, kept = fit()
+    layer = kept.stats["recovery"]["layers"][0]
+    assert not layer["refit"] and "held-out" in layer["reason"]
+    assert layer["relative_error_after"] < layer["relative_error_before"]  # on its own rows
+    plain = get_pass("prune", sparsity=0.5, min_params=1).run(model).model
+    np.testing.assert_array_equal(_weights(kept.model)["w"], _weights(plain)["w"])
+    fit_all = recovery._fit
+    monkeypatch.setattr(recovery, "_fit", lambda *a, **k: (*fit_all(*a, **k)[:3], None))
+    forced_error, forced = fit()
+    assert forced.stats["recovery"]["layers"][0]["refit"]
+    assert kept_error < 0.8 * forced_error
