@@ -8,7 +8,7 @@ layer's output on the original activations. With X the pruned inputs (Conv throu
 plus a ones column for the bias) and Y the targets, the kept weights solve
 (X^T X + damping) W = X^T Y, column by column on each column's surviving support, so
 zeros stay zeros. Only the statistics X^T X and X^T Y are kept, batch by batch, never the
-activations of the whole data. A re-fit that does not lower the layer's error is dropped.
+activations of the whole data. A re-fit that does not predict held-out feeds better is dropped.
 
 For unstructured pruning the layer also chooses *which* weights to zero from the same
 statistics: the OBS saliency w^2 / [H^-1]_ii (OBC / SparseGPT) ranks a weight by the
@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimodel.graphs import attr, copy_model, subgraph_references
+from optimodel.graphs import attr, consumers, copy_model, subgraph_references
 from optimodel.modelio import tensor_array
 from optimodel.runtime.sessions import point_to_external_data
 
@@ -97,10 +97,6 @@ def _layer(model: onnx.ModelProto, output: str) -> _Layer | None:
     return _Layer(node, weight, bias, bias_name)
 
 
-def _consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if name in n.input]
-
-
 def _matmul_layer(
     model: onnx.ModelProto,
     node: onnx.NodeProto,
@@ -111,7 +107,8 @@ def _matmul_layer(
     uses), so bias correction reaches MatMul layers too (transformer exports keep the
     bias in a separate Add)."""
     layer = _Layer(node, weight, None, None)
-    users = _consumers(model, node.output[0])
+    uses = consumers(model.graph)
+    users = uses.get(node.output[0], [])
     if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
         return layer
     add = users[0]
@@ -124,7 +121,7 @@ def _matmul_layer(
     if node.output[0] in elsewhere or const in elsewhere:
         return layer
     bias = tensor_array(inits[const])
-    shared = sum(const in n.input for n in model.graph.node) > 1
+    shared = len(uses.get(const, [])) > 1
     if shared or bias.size != weight.shape[1] or bias.shape[-1:] != (weight.shape[1],):
         return layer
     layer.bias, layer.bias_name = bias, const
