@@ -910,3 +910,82 @@ def test_a_refit_that_predicts_held_out_feeds_worse_is_not_kept(tmp_path, monkey
     forced_error, forced = fit()
     assert forced.stats["recovery"]["layers"][0]["refit"]
     assert kept_error < 0.8 * forced_error
+
+
+# ------------------------------------------------------- fidelity budget (no labels)
+
+
+def _unlabelled_block_data(tmp_path) -> tuple[onnx.ModelProto, object, np.ndarray]:
+    """The transformer block sample and 48 unlabelled [1, 8, 64] inputs in a .npz file."""
+    model = _load("transformer_block")
+    states = np.random.default_rng(3).standard_normal((48, 8, 64)).astype(np.float32)
+    path = tmp_path / "states.npz"
+    np.savez(path, hidden_states=states)
+    return model, path, states
+
+
+def _model_cosine(a: onnx.ModelProto, b: onnx.ModelProto, states: np.ndarray) -> float:
+    """Cosine of the two models' outputs over all the data (as `optimodel eval` measures
+    fidelity), computed here directly."""
+    (x,), (y,) = _run(a, {"hidden_states": states}), _run(b, {"hidden_states": states})
+    x, y = x.ravel().astype(np.float64), y.ravel().astype(np.float64)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def test_accuracy_budget_without_labels_is_a_fidelity_budget(tmp_path):
+    """An embedding-like model has no labels: a budget of 2 asks for cosine >= 0.98 against
+    the unpruned model, and the search backs off until the pruned model gets there."""
+    model, data, states = _unlabelled_block_data(tmp_path)
+    asked = get_pass("prune", sparsity=0.8, min_params=0).run(model)
+    assert _model_cosine(model, asked.model, states) < 0.98  # 80% everywhere is over budget
+    result = get_pass(
+        "prune", sparsity=0.8, min_params=0, accuracy_budget=2.0, eval_data=str(data)
+    ).run(model)
+    search = result.stats["accuracy_search"]
+    assert search["metric"] == "fidelity" and search["unit"] == "(1 - cosine) x 100"
+    assert search["fits"] and search["baseline"] == pytest.approx(100.0)
+    assert 0.0 <= search["drop"] <= 2.0
+    # the search's figure is the cosine a user measures on the same data
+    measured = _model_cosine(model, result.model, states)
+    assert measured >= 0.98
+    assert 0 < result.stats["achieved_sparsity"] < 0.8
+    assert any(layer["achieved"] > 0.5 for layer in result.stats["layers"])
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_fidelity_budget_that_nothing_meets_exits_3_naming_the_unit(prune_cli, tmp_path):
+    model, data, _ = _unlabelled_block_data(tmp_path)
+    src = tmp_path / "block.onnx"
+    onnx.save(model, str(src))
+    out = tmp_path / "p.onnx"
+    result = prune_cli("prune", src, "-o", out, "--sparsity", "0.9", "--min-params", "0",
+                       "--accuracy-budget", "0", "--eval-data", data)  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "(1 - cosine) x 100" in result.output
+    assert not out.exists()
+
+
+def test_sensitivity_without_labels_ranks_units_by_fidelity(cli, tmp_path):
+    model, data, states = _unlabelled_block_data(tmp_path)
+    src = tmp_path / "block.onnx"
+    onnx.save(model, str(src))
+    out = tmp_path / "p.onnx"
+    result = cli("prune", src, "-o", out, "--sparsity", "0.5", "--min-params", "0",
+                 "--sensitivity", "0.25,0.9", "--eval-data", data, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stats = next(p for p in json.loads(result.stdout)["passes"] if p["name"] == "prune")["stats"]
+    table = stats["sensitivity"]
+    assert table["metric"] == "fidelity" and table["baseline"] == pytest.approx(100.0)
+    assert len(table["rows"]) >= 4
+    for row in table["rows"]:
+        assert 0.0 <= row["drops"][0] <= row["drops"][1]  # 90% alone costs more than 25%
+    # each figure is (1 - cosine) x 100 of that unit alone: check the worst one directly
+    worst = max(table["rows"], key=lambda r: r["drops"][1])
+    weights = [w for w in stats["layers"] if ", ".join(w["nodes"]) == worst["unit"]]
+    assert len(weights) == 1
+    alone = get_pass("prune", sparsity=0.9, min_params=0,
+                     exclude_nodes=[n for w in stats["layers"] if w is not weights[0]
+                                    for n in w["nodes"]]).run(model).model  # fmt: skip
+    assert (1 - _model_cosine(model, alone, states)) * 100 == pytest.approx(
+        worst["drops"][1], rel=0.05
+    )

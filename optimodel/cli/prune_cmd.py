@@ -87,8 +87,8 @@ def render_prune(stats: dict[str, Any]) -> None:
     if search:
         lines.append(
             f"accuracy ({search['metric']}): {search['baseline']:.2f} before, drop "
-            f"{search['drop']:.2f} points (budget {search['budget']:g}) after {search['trials']} "
-            "trials"
+            f"{search['drop']:.2f} {search.get('unit', 'points')} (budget {search['budget']:g}) "
+            f"after {search['trials']} trials"
         )
     if stats.get("note"):
         lines.append(f"note: {stats['note']}")
@@ -103,7 +103,8 @@ def render_sensitivity(table_data: dict[str, Any]) -> None:
     levels = table_data["levels"]
     table = Table(
         title=escape(
-            f"Sensitivity ({table_data['metric']} drop, points; baseline "
+            f"Sensitivity ({table_data['metric']} drop, {table_data.get('unit', 'points')}; "
+            "baseline "
             f"{table_data['baseline']:.2f}; each unit alone)"
         )
     )
@@ -175,8 +176,9 @@ def prune(
         typer.Option(
             "--accuracy-budget",
             min=0.0,
-            help="Largest accuracy drop in points; back off sensitive layers until it fits "
-            "(exit 3 if nothing does). Needs --eval-data.",
+            help="Largest drop: top-1 points with labels in --eval-data, else (1 - cosine) "
+            "x 100 against the input model (2 = cosine >= 0.98); back off sensitive layers "
+            "until it fits (exit 3 if nothing does). Needs --eval-data.",
             show_default=False,
         ),
     ] = None,
@@ -184,7 +186,8 @@ def prune(
         str | None,
         typer.Option(
             "--eval-data",
-            help="Labelled .npz for --accuracy-budget and --sensitivity.",
+            help="Data for --accuracy-budget and --sensitivity: with 'labels' the task "
+            "metric, without them fidelity to the input model.",
             show_default=False,
         ),
     ] = None,

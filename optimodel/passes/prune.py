@@ -11,7 +11,8 @@ Pruning changes outputs by design, so the pipeline verifies this pass with toler
 "none"; the pass reports its own fidelity (cosine against the input) and, for `channel`,
 checks the rewrite itself exactly: the pruned model must equal the original with the
 removed channels' rows zeroed in the layers that read them. `accuracy_budget` with
-`eval_data` backs off the most sensitive units until the measured drop fits.
+`eval_data` backs off the most sensitive units until the measured drop fits (task points
+with labels, (1 - cosine) x 100 against the input model without).
 """
 
 from __future__ import annotations
@@ -166,12 +167,15 @@ class PrunePass(Pass):
                 raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}")
         if o["accuracy_budget"] is not None:
             if not o["eval_data"]:
-                raise UsageError("--accuracy-budget needs --eval-data with labels")
+                raise UsageError(
+                    "--accuracy-budget needs --eval-data (with 'labels': task points; "
+                    "without: (1 - cosine) x 100 against the unpruned model)"
+                )
             if float(o["accuracy_budget"]) < 0:
                 raise UsageError("--accuracy-budget must be >= 0 points")
         self.levels = parse_levels(o["sensitivity"])
         if self.levels and not o["eval_data"]:
-            raise UsageError("--sensitivity needs --eval-data with labels")
+            raise UsageError("--sensitivity needs --eval-data to measure each unit on")
         if self.levels and self.nm is not None:
             raise UsageError("--sensitivity applies to unstructured and channel pruning")
         if int(o["channel_multiple"]) < 1:
@@ -544,7 +548,13 @@ class PrunePass(Pass):
         if self.levels and units:
             probe = self._probe(model, workdir)
             self._sensitivity = sensitivity_table(
-                units, self.levels, build, probe.drop, baseline=probe.baseline, metric=probe.metric
+                units,
+                self.levels,
+                build,
+                probe.drop,
+                baseline=probe.baseline,
+                metric=probe.metric,
+                unit=probe.unit,
             )
         budget = self.options["accuracy_budget"]
         if budget is None or not units:
@@ -563,13 +573,14 @@ class PrunePass(Pass):
         )
         summary = result.to_dict(units)
         summary["metric"] = probe.metric
+        summary["unit"] = probe.unit
         summary["budget"] = float(budget)
         if not result.fits and self.options["keep_best"] and result.ratios:
             return result.ratios, summary  # the closest configuration; the caller fails
         if not result.fits:
-            best = "" if math.isinf(result.drop) else f"; the best kept {result.drop:.2f} points"
+            best = "" if math.isinf(result.drop) else f"; the best lost {result.drop:.2f}"
             raise GateFailed(
-                f"no pruning within an accuracy drop of {float(budget):g} points was found in "
+                f"no pruning within a drop of {float(budget):g} {probe.unit} was found in "
                 f"{len(result.trials)} trials{best}",
                 hint="allow a larger --accuracy-budget, a lower --sparsity, or exclude layers",
             )

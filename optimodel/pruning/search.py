@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -152,38 +153,52 @@ def _named(units: Sequence[str], sensitivity: dict[int, float]) -> dict[str, flo
 
 
 class AccuracyProbe:
-    """Task metric of candidate models on labelled data, as a drop from the unpruned model.
+    """Task metric of candidate models, as a drop from the unpruned model.
 
+    With `labels` in the data the metric is the task's (top-1 points, ...). Without, it is
+    fidelity, as for quantize's budget: the worst output cosine against the unpruned model
+    x 100, so the drop is (1 - cosine) x 100 and a budget of 2 asks for cosine >= 0.98 (an
+    embedding model has no labels, and its users judge it by exactly that cosine).
     Uses `optimodel.evaluate.evaluate` (the same numbers `optimodel eval` prints) on
     temporary files, so a candidate is measured exactly as a user would measure it.
     """
 
     def __init__(self, reference: onnx.ModelProto, dataset: Any, workdir: str) -> None:
         self.dataset = dataset
-        self.workdir = workdir
+        self.workdir = Path(workdir)
         self.count = 0
+        self.reference: Path | None = None
         first = self._evaluate(reference)
-        if first is None:
+        if first is None and dataset.has_labels:
             from optimodel.errors import DataError
 
             raise DataError(
-                f"{dataset.source}: --accuracy-budget and --sensitivity need 'labels' in "
-                "--eval-data to measure accuracy"
+                f"{dataset.source}: its 'labels' give no accuracy for this model's output; "
+                "leave them out for a fidelity budget ((1 - cosine) x 100)"
             )
+        if first is None:
+            self.reference = self.workdir / "reference.onnx"
+            onnx.save(reference, str(self.reference))
+            first = (100.0, True, "fidelity")
         self.baseline, self.higher_is_better, self.metric = first
 
-    def _evaluate(self, model: onnx.ModelProto) -> tuple[float, bool, str] | None:
-        from pathlib import Path
+    @property
+    def unit(self) -> str:
+        return "(1 - cosine) x 100" if self.metric == "fidelity" else "points"
 
+    def _evaluate(self, model: onnx.ModelProto) -> tuple[float, bool, str] | None:
         from optimodel.evaluate import evaluate
 
         self.count += 1
-        path = Path(self.workdir) / f"candidate{self.count}.onnx"
+        path = self.workdir / f"candidate{self.count}.onnx"
         onnx.save(model, str(path))
         try:
-            result = evaluate(str(path), self.dataset)
+            reference = None if self.reference is None else str(self.reference)
+            result = evaluate(str(path), self.dataset, reference=reference)
         finally:
             path.unlink(missing_ok=True)
+        if self.reference is not None:
+            return 100.0 * float(result.fidelity.worst_cosine), True, "fidelity"
         if not result.model:
             return None
         return (
@@ -207,6 +222,7 @@ def sensitivity_table(
     *,
     baseline: float,
     metric: str,
+    unit: str = "points",
 ) -> dict[str, Any]:
     """Each unit pruned alone at each level, every other unit dense: the drop it causes.
 
@@ -223,6 +239,7 @@ def sensitivity_table(
         rows.append({"unit": unit, "drops": drops})
     return {
         "metric": metric,
+        "unit": unit,
         "baseline": baseline,
         "levels": list(levels),
         "rows": rows,
