@@ -16,7 +16,7 @@ BATCH_RECIPE ?= default
 BATCH_MODELS  := $(wildcard $(BATCH_IN)/*.onnx)
 BATCH_TARGETS := $(patsubst $(BATCH_IN)/%.onnx,$(BATCH_OUT)/%.onnx,$(BATCH_MODELS))
 
-.PHONY: setup run test test-all lint bench bench-huge bench-gpu batch models clean
+.PHONY: setup run test test-all lint bench bench-huge bench-gpu bench-prune-data batch models clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ bench: $(BENCH_STAMP)
 # 8 GB of temporary disk, so not part of `make bench`.
 bench-huge: $(BENCH_STAMP)
 	PYTHONPATH=. $(BIN)/python benchmarks/huge.py --gib 2.2 --results benchmarks/RESULTS.md
+
+# MiniLM pruned to 50% with recovery on 100 to 2,500 calibration sentences: how much data
+# the least-squares fit needs (about 15 minutes; needs benchmarks/requirements-transformer.txt).
+bench-prune-data: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/prune_calibration.py --results benchmarks/RESULTS.md
 
 # On a machine with onnxruntime-gpu and a GPU: originals, optimodel's variants, timed on
 # CUDA (and TensorRT where its libraries load); `benchmarks/gpu.py prepare` and `measure`

@@ -243,6 +243,7 @@ LATER = (
     "<!-- scaling:start -->",
     "<!-- huge:start -->",
     "<!-- gpu:start -->",
+    "<!-- prune-calibration:start -->",
 )
 
 

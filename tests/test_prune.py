@@ -189,6 +189,19 @@ def test_bad_options_are_usage_errors():
         get_pass("prune", sparsity=1.0)
     with pytest.raises(UsageError):
         get_pass("prune", granularity="channel", sparsity=0.3, accuracy_budget=1.0)
+    with pytest.raises(UsageError, match="calib-samples"):
+        get_pass("prune", sparsity=0.5, calib_samples=0)
+
+
+def test_recovery_uses_up_to_calib_samples_of_the_data(prune_cli, tmp_path):
+    """All 450 digits samples by default (the fit improves with data); fewer when asked."""
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    for extra, samples in (([], 450), (["--calib-samples", "100"], 100)):
+        result = prune_cli("prune", DIGITS, "-o", out, "--sparsity", "0.5", "--force",
+                           "--calib-data", DIGITS_DATA, "--report", report, *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        stats = next(p for p in json.loads(report.read_text())["passes"] if p["name"] == "prune")
+        assert stats["stats"]["recovery"]["samples"] == samples
 
 
 # ------------------------------------------------------------------ N:M
@@ -989,3 +1002,32 @@ def test_sensitivity_without_labels_ranks_units_by_fidelity(cli, tmp_path):
     assert (1 - _model_cosine(model, alone, states)) * 100 == pytest.approx(
         worst["drops"][1], rel=0.05
     )
+
+
+def test_backoff_search_with_many_units_steps_several_at_once_and_fits():
+    """36 units (MiniLM's layer count) of unequal sensitivity, 60 trials: one unit a rung at
+    a time would need 144 back-off steps; moving several per step fits within the trials,
+    and the fit keeps the least sensitive units pruned."""
+    from onnx import helper
+
+    from optimodel.pruning.search import backoff_search, ladders
+
+    weights = np.linspace(0.1, 4.0, 36)  # unit i costs weights[i] * ratio^2 points
+
+    def build(ratios: list[float]) -> onnx.ModelProto:
+        graph = helper.make_graph([], "g", [], [], doc_string=json.dumps(ratios))
+        return helper.make_model(graph)
+
+    def drop_of(model: onnx.ModelProto) -> float:
+        ratios = np.array(json.loads(model.graph.doc_string))
+        return float(np.sum(weights * ratios**2))
+
+    units = [f"layer{i}" for i in range(36)]
+    start = [0.5] * 36
+    assert drop_of(build(start)) > 10.0
+    result = backoff_search(units, ladders(start), build, drop_of, 10.0, baseline=0.0)
+    assert result.fits and result.drop <= 10.0 and len(result.trials) <= 60
+    ratios = np.array(result.ratios)
+    assert ratios.mean() > 0.2  # most of the pruning survives
+    assert ratios[:6].mean() > ratios[-6:].mean()  # the cheap units keep more of it
+    assert any("(+" in t["kind"] for t in result.trials)  # several units per step

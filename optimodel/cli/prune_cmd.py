@@ -217,6 +217,15 @@ def prune(
             show_default=False,
         ),
     ] = None,
+    calib_samples: Annotated[
+        int,
+        typer.Option(
+            "--calib-samples",
+            help="Re-fit on at most N samples of --calib-data: the fit keeps improving with "
+            "more (MiniLM 50%: held-out cosine 0.960 from 300 sentences, 0.968 from 1,000), "
+            "at a cost in time.",
+        ),
+    ] = 1024,
     fold_first: Annotated[
         bool,
         typer.Option(
@@ -262,6 +271,7 @@ def prune(
             sensitivity=sensitivity,
             keep_best=keep_best,
             calib_data=calib_data,
+            calib_samples=calib_samples,
             data=data,
             shapes=shapes,
         )

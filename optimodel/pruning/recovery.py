@@ -589,6 +589,7 @@ def refit(
         + ("; zeros chosen by OBS saliency, per output" if reselect else "")
         + "; damping per layer on held-out feeds",
         "feeds": len(batches),
+        "samples": samples,
         "layers": rows_info,
         "refit_layers": sum(1 for r in rows_info if r.get("refit")),
     }
