@@ -502,7 +502,7 @@ def _store(
 ) -> None:
     """Write a re-fit layer's weight (the first k rows of `solved`) and bias back."""
     inits = _initializers(work)
-    weight = _unmatrix(after, solved[:k])
+    weight = _flush_subnormals(_unmatrix(after, solved[:k]))
     inits[after.node.input[1]].CopyFrom(numpy_helper.from_array(weight, after.node.input[1]))
     if use_bias and after.bias_name is not None and after.bias is not None:
         bias = solved[-1]
@@ -510,8 +510,22 @@ def _store(
             bias = bias / float(attr(after.node, "beta", 1.0))
         bias = bias.reshape(after.bias.shape) if after.bias.size == bias.size else bias
         inits[after.bias_name].CopyFrom(
-            numpy_helper.from_array(bias.astype(after.bias.dtype), after.bias_name)
+            numpy_helper.from_array(
+                _flush_subnormals(bias.astype(after.bias.dtype)), after.bias_name
+            )
         )
+
+
+def _flush_subnormals(array: np.ndarray) -> np.ndarray:
+    """Zero the values too small for a normal float of the array's type. A least-squares fit
+    can leave some (PP-OCRv4 rec at 50%: 7,042 weights near 1e-40), and CPU arithmetic on
+    subnormals is slow: that model ran 3.6x slower than before pruning until they were 0.
+    """
+    if array.dtype.kind != "f":
+        return array
+    out = array.copy()
+    out[np.abs(out) < np.finfo(out.dtype).tiny] = 0
+    return out
 
 
 def refit(
