@@ -117,31 +117,19 @@ def _prune(src: Path, out: Path, options: dict[str, object]) -> tuple[float, dic
     return seconds, stats
 
 
-def measure(cache: Path, sizes: tuple[int, ...]) -> list[dict[str, object]]:
-    """One row per calibration size (0: plain magnitude pruning, no recovery), then the
-    fidelity-budget row: plain pruning backed off until cosine >= 0.98 on other sentences.
-    """
-    src = minilm.export_minilm(cache, "torchscript")
-    pool = python_doc_sentences()
-    np.random.default_rng(0).shuffle(pool)
-    held, pool = pool[:HELD_OUT], pool[HELD_OUT:]
-    general = minilm.SENTENCES[: minilm.EVAL_SENTENCES]
-    dense_held, dense_general = _embeddings(src, held), _embeddings(src, general)
-    rows: list[dict[str, object]] = []
-    for size in (0, *sizes):
-        if size > len(pool):
-            print(f"only {len(pool)} calibration sentences; {size} skipped", file=sys.stderr)
-            continue
-        with tempfile.TemporaryDirectory(prefix="prune-calib-") as tmp:
-            options: dict[str, object] = {"sparsity": 0.5}
-            if size:
-                folder = _feeds_folder(Path(tmp) / "calib", pool[:size])
-                options.update(calib_data=str(folder), calib_samples=size)
-            out = Path(tmp) / "model.onnx"
-            seconds, stats = _prune(src, out, options)
-            on_held = _cosines(dense_held, _embeddings(out, held))
-            on_general = _cosines(dense_general, _embeddings(out, general))
-        row = {
+class Judge:
+    """Scores pruned models against the dense one on the held-out and the general-English
+    sentences (the dense embeddings computed once)."""
+
+    def __init__(self, src: Path, held: list[str], general: list[str]) -> None:
+        self.held, self.general = held, general
+        self.dense_held = _embeddings(src, held)
+        self.dense_general = _embeddings(src, general)
+
+    def row(self, size: int, out: Path, seconds: float, stats: dict) -> dict[str, object]:
+        on_held = _cosines(self.dense_held, _embeddings(out, self.held))
+        on_general = _cosines(self.dense_general, _embeddings(out, self.general))
+        return {
             "calibration": size,
             "held_mean": float(on_held.mean()),
             "held_min": float(on_held.min()),
@@ -149,69 +137,50 @@ def measure(cache: Path, sizes: tuple[int, ...]) -> list[dict[str, object]]:
             "seconds": seconds,
             "sparsity": float(stats["achieved_sparsity"]),
         }
-        print(row, flush=True)
-        rows.append(row)
-    rows.append(lower_row(src, pool, held, general))
-    rows.append(budget_row(src, pool, held, general))
+
+
+def _case(
+    src: Path, judge: Judge, pool: list[str], sparsity: float, size: int, budget: bool = False
+) -> dict[str, object]:
+    """Prune to `sparsity` with recovery on the first `size` pool sentences (0: none), or,
+    with `budget`, back off by `--accuracy-budget BUDGET` judged on the last
+    BUDGET_SENTENCES of the pool; the row judged on the held-out sentences."""
+    with tempfile.TemporaryDirectory(prefix="prune-calib-") as tmp:
+        options: dict[str, object] = {"sparsity": sparsity}
+        if size:
+            folder = _feeds_folder(Path(tmp) / "calib", pool[:size])
+            options.update(calib_data=str(folder), calib_samples=size)
+        if budget:
+            folder = _feeds_folder(Path(tmp) / "eval", pool[-BUDGET_SENTENCES:])
+            options.update(accuracy_budget=BUDGET, eval_data=str(folder))
+        out = Path(tmp) / "model.onnx"
+        seconds, stats = _prune(src, out, options)
+        row = judge.row(-1 if budget else size, out, seconds, stats)
+    if budget:
+        row["trials"] = int(stats["accuracy_search"]["trials"])
+    print(row, flush=True)
+    return row
+
+
+def measure(cache: Path, sizes: tuple[int, ...]) -> list[dict[str, object]]:
+    """One row per calibration size at 50% (0: plain magnitude pruning, no recovery), the
+    LOWER row, then the fidelity-budget row: plain pruning backed off until cosine >= 0.98
+    on other sentences.
+    """
+    src = minilm.export_minilm(cache, "torchscript")
+    pool = python_doc_sentences()
+    np.random.default_rng(0).shuffle(pool)
+    held, pool = pool[:HELD_OUT], pool[HELD_OUT:]
+    judge = Judge(src, held, minilm.SENTENCES[: minilm.EVAL_SENTENCES])
+    rows: list[dict[str, object]] = []
+    for size in (0, *sizes):
+        if size > len(pool):
+            print(f"only {len(pool)} calibration sentences; {size} skipped", file=sys.stderr)
+            continue
+        rows.append(_case(src, judge, pool, 0.5, size))
+    rows.append(_case(src, judge, pool, *LOWER))
+    rows.append(_case(src, judge, pool, 0.5, 0, budget=True))
     return rows
-
-
-def lower_row(src: Path, pool: list[str], held: list[str], general: list[str]) -> dict:
-    """LOWER's sparsity with recovery on LOWER's count of calibration sentences."""
-    sparsity, size = LOWER
-    with tempfile.TemporaryDirectory(prefix="prune-lower-") as tmp:
-        folder = _feeds_folder(Path(tmp) / "calib", pool[:size])
-        out = Path(tmp) / "model.onnx"
-        options = {"sparsity": sparsity, "calib_data": str(folder), "calib_samples": size}
-        seconds, stats = _prune(src, out, options)
-        return _row(size, seconds, stats, out, src, held, general)
-
-
-def _row(
-    size: int,
-    seconds: float,
-    stats: dict,
-    out: Path,
-    src: Path,
-    held: list[str],
-    general: list[str],
-) -> dict:
-    on_held = _cosines(_embeddings(src, held), _embeddings(out, held))
-    on_general = _cosines(_embeddings(src, general), _embeddings(out, general))
-    row = {
-        "calibration": size,
-        "held_mean": float(on_held.mean()),
-        "held_min": float(on_held.min()),
-        "general_mean": float(on_general.mean()),
-        "seconds": seconds,
-        "sparsity": float(stats["achieved_sparsity"]),
-    }
-    print(row, flush=True)
-    return row
-
-
-def budget_row(src: Path, pool: list[str], held: list[str], general: list[str]) -> dict:
-    """Plain 50% pruning backed off by `--accuracy-budget 2` (no labels: cosine >= 0.98)
-    measured on the last BUDGET_SENTENCES of the pool, judged on the held-out sentences."""
-    dense_held, dense_general = _embeddings(src, held), _embeddings(src, general)
-    with tempfile.TemporaryDirectory(prefix="prune-budget-") as tmp:
-        folder = _feeds_folder(Path(tmp) / "eval", pool[-BUDGET_SENTENCES:])
-        out = Path(tmp) / "model.onnx"
-        options = {"sparsity": 0.5, "accuracy_budget": BUDGET, "eval_data": str(folder)}
-        seconds, stats = _prune(src, out, options)
-        on_held = _cosines(dense_held, _embeddings(out, held))
-        on_general = _cosines(dense_general, _embeddings(out, general))
-    row = {
-        "calibration": -1,
-        "held_mean": float(on_held.mean()),
-        "held_min": float(on_held.min()),
-        "general_mean": float(on_general.mean()),
-        "seconds": seconds,
-        "sparsity": float(stats["achieved_sparsity"]),
-        "trials": int(stats["accuracy_search"]["trials"]),
-    }
-    print(row, flush=True)
-    return row
 
 
 def table(rows: list[dict[str, object]], pool: int) -> str:

@@ -967,10 +967,8 @@ def test_accuracy_budget_without_labels_is_a_fidelity_budget(tmp_path):
 
 
 def test_fidelity_budget_that_nothing_meets_exits_3_naming_the_unit(prune_cli, tmp_path):
-    model, data, _ = _unlabelled_block_data(tmp_path)
-    src = tmp_path / "block.onnx"
-    onnx.save(model, str(src))
-    out = tmp_path / "p.onnx"
+    _, data, _ = _unlabelled_block_data(tmp_path)
+    src, out = SAMPLES / "transformer_block.onnx", tmp_path / "p.onnx"
     result = prune_cli("prune", src, "-o", out, "--sparsity", "0.9", "--min-params", "0",
                        "--accuracy-budget", "0", "--eval-data", data)  # fmt: skip
     assert result.exit_code == 3, result.output
@@ -980,9 +978,7 @@ def test_fidelity_budget_that_nothing_meets_exits_3_naming_the_unit(prune_cli, t
 
 def test_sensitivity_without_labels_ranks_units_by_fidelity(cli, tmp_path):
     model, data, states = _unlabelled_block_data(tmp_path)
-    src = tmp_path / "block.onnx"
-    onnx.save(model, str(src))
-    out = tmp_path / "p.onnx"
+    src, out = SAMPLES / "transformer_block.onnx", tmp_path / "p.onnx"
     result = cli("prune", src, "-o", out, "--sparsity", "0.5", "--min-params", "0",
                  "--sensitivity", "0.25,0.9", "--eval-data", data, "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
